@@ -1,0 +1,3 @@
+from cellfoundry.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Small I/O helpers shared by every stage: atomic outputs, checksums, deterministic JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: str | Path) -> Iterator[list[Path]]:
+    """Stage outputs in temporary siblings and move them into place only on success.
+
+    Yields one temporary path per requested output (a file or a directory, as the caller
+    writes it). When the block raises, every temporary path is removed and nothing of the
+    requested outputs exists afterwards, so a failed job leaves no partial output.
+    """
+    finals = [Path(p) for p in paths]
+    temps: list[Path] = []
+    try:
+        for final in finals:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            os.close(fd)
+            os.unlink(tmp)
+            temps.append(Path(tmp))
+        yield temps
+        for tmp, final in zip(temps, finals, strict=True):
+            if not tmp.exists():
+                raise FileNotFoundError(f"output {final} was not written")
+        for tmp, final in zip(temps, finals, strict=True):
+            remove(final)
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in temps:
+            remove(tmp)
+        for final in finals:
+            remove(final)
+        raise
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a directory tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def sha256(path: str | Path, chunk_size: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dumps_json(obj: Any) -> str:
+    """Deterministic JSON text: sorted keys, fixed indentation, trailing newline."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as deterministic JSON."""
+    Path(path).write_text(dumps_json(obj))
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")

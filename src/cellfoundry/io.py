@@ -26,7 +26,10 @@ def atomic_outputs(*paths: str | Path) -> Iterator[list[Path]]:
     try:
         for final in finals:
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            # Keep the suffix: some writers (matplotlib, anndata) choose the format by it.
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{final.stem}.partial-", suffix=final.suffix, dir=final.parent
+            )
             os.close(fd)
             os.unlink(tmp)
             temps.append(Path(tmp))

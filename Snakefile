@@ -1,0 +1,29 @@
+# cellfoundry: single-cell datasets -> scConcept project (tokenized shards, vocabularies,
+# panels, splits) -> gene embeddings -> a pretrained transcriptomic foundation model.
+from snakemake.utils import min_version
+
+min_version("9.27")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/reference.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/vocabulary.smk"
+include: "workflow/rules/panels.smk"
+include: "workflow/rules/splits.smk"
+include: "workflow/rules/shards.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        prep_outputs(),
+
+
+rule prep:
+    input:
+        prep_outputs(),

@@ -1,0 +1,332 @@
+"""Command line: one subcommand per pipeline stage, each a thin call into its module.
+
+Snakemake rules call these (`python -m cellfoundry <stage> ...`); settings arrive as JSON
+strings, exactly the rule's `params`, so a changed setting reruns exactly the rules that read it.
+Errors in the input end the command with one line naming the dataset, the file and the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cellfoundry.errors import CellfoundryError
+
+log = logging.getLogger("cellfoundry")
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
+
+
+def command(
+    name: str,
+) -> Callable[[Callable[[argparse.Namespace], None]], Callable[[argparse.Namespace], None]]:
+    def register(
+        function: Callable[[argparse.Namespace], None],
+    ) -> Callable[[argparse.Namespace], None]:
+        COMMANDS[name] = function
+        return function
+
+    return register
+
+
+def _json(text: str) -> dict:
+    return json.loads(text) if text else {}
+
+
+@command("reference")
+def _reference(args: argparse.Namespace) -> None:
+    from cellfoundry import reference
+    from cellfoundry.io import atomic_outputs
+
+    ref = reference.build_reference(args.species, args.table or None)
+    with atomic_outputs(args.out) as (out,):
+        reference.write_reference(ref, out)
+    log.info("%s: %d genes from %s", args.species, len(ref), ref.source)
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> None:
+    from cellfoundry.demo import write_demo_corpus
+
+    paths = write_demo_corpus(Path(args.out), seed=args.seed)
+    log.info("wrote %d simulated demo datasets to %s", len(paths), args.out)
+
+
+@command("preprocess")
+def _preprocess(args: argparse.Namespace) -> None:
+    from cellfoundry.preprocess import DatasetOutputs, PreprocessSettings, preprocess_dataset
+    from cellfoundry.reference import read_reference
+
+    settings = _json(args.settings)
+    reference = read_reference(args.species, args.reference) if args.reference else None
+    outputs = DatasetOutputs(
+        Path(args.h5ad_dir),
+        Path(args.gene_stats),
+        Path(args.qc_json),
+        Path(args.qc_plot),
+        Path(args.provenance),
+    )
+    source = args.input
+    if source.startswith("lamin://"):
+        from cellfoundry.lamin import resolve_source
+
+        source = _materialised_folder(args.dataset, resolve_source(source))
+    preprocess_dataset(
+        args.dataset,
+        args.species,
+        source,
+        reference,
+        PreprocessSettings.from_dict(settings),
+        outputs,
+        config_slice={"input": args.input, "preprocess": settings},
+    )
+
+
+def _materialised_folder(dataset: str, files: list[Path]) -> Path:
+    """A folder of links to LaminDB's cached files, named as the pipeline expects."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=f"cellfoundry-{dataset}-"))
+    for file in files:
+        (folder / file.name).symlink_to(file.resolve())
+    return folder
+
+
+@command("gene-stats")
+def _gene_stats(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from cellfoundry.gene_stats import merge_gene_stats, summarize
+    from cellfoundry.io import atomic_outputs
+
+    merged = merge_gene_stats([pl.read_parquet(p) for p in args.inputs])
+    summary = summarize(merged)
+    with atomic_outputs(args.out, args.summary) as (out, summary_out):
+        merged.write_parquet(out, statistics=False)
+        summary.write_parquet(summary_out, statistics=False)
+    log.info(
+        "%s: merged statistics of %d datasets, %d genes",
+        args.species,
+        len(args.inputs),
+        merged.height,
+    )
+
+
+@command("vocabulary")
+def _vocabulary(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from cellfoundry import vocabulary
+    from cellfoundry.io import atomic_outputs
+    from cellfoundry.reference import read_reference
+
+    reference = read_reference(args.species, args.reference)
+    if args.import_path:
+        mapping = vocabulary.import_token_mapping(args.species, args.import_path, reference)
+    else:
+        stats = pl.read_parquet(args.stats)
+        mapping = vocabulary.build_vocabulary(
+            args.species, stats, reference, min_cells=args.min_cells
+        )
+    with atomic_outputs(args.out) as (out,):
+        vocabulary.write_token_mapping(mapping, out)
+    log.info("%s: %d tokens (%d genes)", args.species, mapping.n_tokens, mapping.gene_table.height)
+
+
+@command("panel")
+def _panel(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from cellfoundry import panels
+    from cellfoundry.io import atomic_outputs, write_json
+    from cellfoundry.reference import read_reference
+    from cellfoundry.vocabulary import read_token_mapping
+
+    mapping = read_token_mapping(args.species, args.token_mapping)
+    if args.name == "hvg":
+        settings = _json(args.settings)
+        summary = pl.read_parquet(args.summary)
+        panel = panels.hvg_panel(
+            args.species,
+            summary,
+            mapping,
+            n_top_genes=settings["n_top_genes"],
+            n_bins=settings["n_bins"],
+        )
+    else:
+        reference = read_reference(args.species, args.reference)
+        panel = panels.user_panel(args.name, args.species, args.source, reference, mapping)
+    if panel.unknown:
+        log.warning(
+            "%s panel '%s': %d entries are not genes of the vocabulary and were left out: %s",
+            args.species,
+            args.name,
+            len(panel.unknown),
+            ", ".join(panel.unknown[:20]),
+        )
+    with atomic_outputs(args.out, args.report) as (out, report):
+        panels.write_panel(panel, out)
+        write_json(report, panel.report())
+    log.info("%s panel '%s': %d genes", args.species, args.name, panel.table.height)
+
+
+@command("splits")
+def _splits(args: argparse.Namespace) -> None:
+    from cellfoundry import splits
+    from cellfoundry.io import atomic_outputs
+
+    settings = _json(args.settings)
+    datasets = _json(args.datasets)  # name -> species
+    project_path = args.project_path
+    loaders = {"train": settings.get("train", []), "val": settings.get("val", [])}
+    defaults = {}
+    if not loaders["train"] and not loaders["val"]:
+        files = {
+            name: (
+                species,
+                sorted(
+                    p.name for p in (Path(project_path) / "data" / name / "h5ads").glob("*.h5ad")
+                ),
+            )
+            for name, species in datasets.items()
+        }
+        defaults = splits.default_splits(
+            files, project_path=project_path, seed=args.seed, val_fraction=settings["val_fraction"]
+        )
+        loaders = {"train": sorted(defaults), "val": sorted(defaults)}
+        available = defaults
+    else:
+        names = {
+            item if isinstance(item, str) else item["source"]
+            for items in loaders.values()
+            for item in items
+        }
+        available = {
+            name: splits.load_split_file(Path(settings["dir"]) / f"{name}.yaml", project_path)
+            for name in sorted(names)
+        }
+    manifest = splits.expand(loaders, available, datasets=datasets)
+    outputs = [args.out] + [Path(args.split_dir) / f"{name}.yaml" for name in sorted(defaults)]
+    with atomic_outputs(*outputs) as (out, *split_files):
+        manifest.write_parquet(out, statistics=False)
+        for path, name in zip(split_files, sorted(defaults), strict=True):
+            path.write_text(splits.split_yaml(defaults[name]))
+    counts = manifest.group_by("split").len().sort("split").rows()
+    log.info("split manifest: %s", ", ".join(f"{split}: {n} files" for split, n in counts))
+
+
+@command("shards")
+def _shards(args: argparse.Namespace) -> None:
+    from cellfoundry.shards import write_dataset_shards
+
+    write_dataset_shards(args.dataset, args.species, args.h5ad_dir, args.out, n_bins=args.n_bins)
+
+
+@command("shard-manifest")
+def _shard_manifest(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from cellfoundry.io import atomic_outputs
+    from cellfoundry.shards import shard_manifest
+
+    roots = {Path(p).name: Path(p) for p in args.shards}
+    manifest = shard_manifest(pl.read_parquet(args.splits), roots)
+    with atomic_outputs(args.out) as (out,):
+        manifest.write_parquet(out, statistics=False)
+    log.info("shard manifest: %d files, %d cells", manifest.height, manifest["n_cells"].sum())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellfoundry", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("reference", help="gene reference of a species")
+    p.add_argument("--species", required=True)
+    p.add_argument("--table", default="", help="user table overriding the bundled one")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("demo", help="write the simulated demo corpus")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("preprocess", help="preprocess one dataset")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--species", required=True)
+    p.add_argument("--input", required=True, help="file, folder or lamin:// reference")
+    p.add_argument(
+        "--reference", default="", help="gene reference parquet ('' when the species has none)"
+    )
+    p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
+    for name in ("h5ad-dir", "gene-stats", "qc-json", "qc-plot", "provenance"):
+        p.add_argument(f"--{name}", required=True)
+
+    p = sub.add_parser("gene-stats", help="merge per-dataset gene statistics of a species")
+    p.add_argument("--species", required=True)
+    p.add_argument("--inputs", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--summary", required=True)
+
+    p = sub.add_parser("vocabulary", help="token mapping of a species")
+    p.add_argument("--species", required=True)
+    p.add_argument("--stats", required=True)
+    p.add_argument("--reference", required=True)
+    p.add_argument("--min-cells", type=int, default=1)
+    p.add_argument(
+        "--import",
+        dest="import_path",
+        default="",
+        help="token mapping CSV or Geneformer vocab to import",
+    )
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("panel", help="one gene panel of a species")
+    p.add_argument("--species", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--token-mapping", required=True)
+    p.add_argument("--summary", default="", help="species gene summary (hvg panel)")
+    p.add_argument("--settings", default="", help="hvg settings (JSON)")
+    p.add_argument("--source", default="", help="user panel CSV")
+    p.add_argument("--reference", default="")
+    p.add_argument("--out", required=True)
+    p.add_argument("--report", required=True)
+
+    p = sub.add_parser("splits", help="expand split files into the split manifest")
+    p.add_argument("--settings", required=True, help="config splits section (JSON)")
+    p.add_argument("--datasets", required=True, help="dataset -> species (JSON)")
+    p.add_argument("--project-path", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split-dir", required=True, help="where default split files are written")
+
+    p = sub.add_parser("shards", help="training shards of one dataset")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--species", required=True)
+    p.add_argument("--h5ad-dir", required=True)
+    p.add_argument("--n-bins", type=int, required=True)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("shard-manifest", help="one manifest of all shards with their splits")
+    p.add_argument("--splits", required=True)
+    p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.captureWarnings(True)
+    try:
+        COMMANDS[args.command](args)
+    except CellfoundryError as error:
+        print(f"cellfoundry {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,137 @@
+"""The config and the dataset sheet: validation against JSON schemas, per-dataset settings.
+
+`workflow/rules/common.smk` calls these before any job runs, so a bad value fails the whole
+run at once with a message that names the file and the key (or the sheet's row).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pandas as pd
+import yaml
+
+from cellfoundry.errors import ConfigError
+
+# A dataset name becomes a folder and a Snakemake wildcard: keep it to a safe alphabet.
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+SPECIES_NAME = re.compile(r"^[a-z][a-z0-9_]{1,63}$")
+# Sheet columns that override the config's `preprocess` section for one dataset.
+PREPROCESS_OVERRIDES = {
+    "counts": str,
+    "genes": str,
+    "min_genes": int,
+    "min_counts": int,
+    "max_genes": int,
+    "max_counts": int,
+    "max_mito_fraction": float,
+    "min_mapping_rate": float,
+    "duplicate_genes": str,
+}
+
+
+def load_schema(path: str | Path) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _extend_with_default(validator_class: type) -> type:
+    """A validator that fills in the schema's defaults (the jsonschema FAQ recipe)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(
+        validator: Any, properties: dict, instance: Any, schema: dict
+    ) -> Iterator[Any]:
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _extend_with_default(jsonschema.Draft202012Validator)
+
+
+def validate(instance: Any, schema: dict[str, Any], *, source: str) -> Any:
+    """Validate (and fill defaults into) `instance`; errors name `source` and the key path."""
+    instance = copy.deepcopy(instance)
+    errors = sorted(_Validator(schema).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(f"{source}: {key}: {error.message}{more}")
+    return instance
+
+
+def validate_config(
+    config: dict[str, Any], schema_path: str | Path, *, source: str = "config"
+) -> dict[str, Any]:
+    """The config with defaults filled in; raises ConfigError naming the key."""
+    return validate(config or {}, load_schema(schema_path), source=source)
+
+
+def read_dataset_sheet(path: str | Path, schema_path: str | Path) -> pd.DataFrame:
+    """Read and validate the dataset sheet (TSV), one row per dataset, indexed by name.
+
+    Empty cells mean "use the config's value". Raises ConfigError naming the row and column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"dataset sheet {path} does not exist")
+    sheet = pd.read_csv(
+        path, sep="\t", dtype=str, comment="#", skip_blank_lines=True, keep_default_na=False
+    )
+    sheet.columns = [c.strip() for c in sheet.columns]
+    schema = load_schema(schema_path)
+    rows = []
+    for number, record in enumerate(sheet.to_dict(orient="records"), start=2):
+        row = {k: v.strip() for k, v in record.items() if isinstance(v, str) and v.strip() != ""}
+        for column, kind in PREPROCESS_OVERRIDES.items():
+            if column in row and kind is not str:
+                try:
+                    value = float(row[column])
+                except ValueError as error:
+                    raise ConfigError(
+                        f"{path}, line {number}: {column}: '{row[column]}' is not a number"
+                    ) from error
+                # Spreadsheets write 150 as 150.0; the schema rejects 150.5 for an integer column.
+                row[column] = int(value) if kind is int and value.is_integer() else value
+        name = row.get("dataset", "")
+        if name and not DATASET_NAME.match(name):
+            raise ConfigError(
+                f"{path}, line {number}: dataset name '{name}' is not a safe identifier "
+                "(letters, digits, '_' and '-', starting with a letter or digit, at most 128 characters)"
+            )
+        rows.append(
+            validate(
+                row,
+                schema,
+                source=f"{path}, line {number}" + (f" (dataset '{name}')" if name else ""),
+            )
+        )
+    if not rows:
+        raise ConfigError(f"dataset sheet {path} lists no dataset")
+    frame = pd.DataFrame(rows)
+    duplicated = frame["dataset"][frame["dataset"].duplicated()].tolist()
+    if duplicated:
+        raise ConfigError(
+            f"{path}: dataset name(s) listed twice: {', '.join(sorted(set(duplicated)))}"
+        )
+    return frame.set_index("dataset", drop=False)
+
+
+def dataset_settings(config: dict[str, Any], row: dict[str, Any] | pd.Series) -> dict[str, Any]:
+    """The preprocessing settings of one dataset: the config's, overridden by the sheet's row."""
+    settings = dict(config["preprocess"])
+    for column in PREPROCESS_OVERRIDES:
+        value = row.get(column) if hasattr(row, "get") else None
+        if value is not None and not (isinstance(value, float) and pd.isna(value)):
+            settings[column] = value
+    return settings

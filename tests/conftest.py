@@ -1,0 +1,205 @@
+"""Shared fixtures: the repository, the real datasets in ../shared/data, tiny AnnData files and
+a helper that runs Snakemake for real in a scratch project."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import yaml
+
+from cellfoundry.reference import GeneReference, load_bundled
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets beside the repository; tests using them skip when absent."""
+    if not (SHARED_DATA / "MANIFEST.md").is_file():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def human() -> GeneReference:
+    return load_bundled("hsapiens")
+
+
+@pytest.fixture(scope="session")
+def mouse() -> GeneReference:
+    return load_bundled("mmusculus")
+
+
+def protein_coding(reference: GeneReference, n: int, offset: int = 0) -> pd.DataFrame:
+    """`n` protein-coding genes of a reference (gene_id, gene_name), in ID order."""
+    table = reference.table.filter(reference.table["gene_type"] == "protein_coding")
+    return pd.DataFrame(
+        table.slice(offset, n).select("gene_id", "gene_name").to_dict(as_series=False)
+    )
+
+
+def count_matrix(
+    n_cells: int, n_genes: int, *, seed: int = 0, depth: float = 2_000.0
+) -> sp.csr_matrix:
+    """Negative-binomial-like integer counts with two cell groups."""
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(0.6, 1.0, size=n_genes)
+    base /= base.sum()
+    groups = rng.integers(0, 2, size=n_cells)
+    shift = np.ones((2, n_genes))
+    shift[1, : n_genes // 10] = 8.0
+    mu = base[None, :] * shift[groups] * rng.lognormal(np.log(depth), 0.3, size=(n_cells, 1))
+    counts = rng.poisson(rng.gamma(2.0, mu / 2.0))
+    return sp.csr_matrix(counts.astype(np.float32))
+
+
+@pytest.fixture
+def make_adata(human: GeneReference) -> Callable[..., ad.AnnData]:
+    """Tiny human AnnData with integer counts in X, Ensembl IDs and a mitochondrial gene."""
+
+    def make(
+        n_cells: int = 60, n_genes: int = 300, *, seed: int = 0, depth: float = 2_000.0
+    ) -> ad.AnnData:
+        genes = protein_coding(human, n_genes - 1)
+        mito = pd.DataFrame(
+            human.table.filter(human.table["gene_name"] == "MT-CO1").to_dict(as_series=False)
+        )
+        genes = pd.concat([genes, mito[["gene_id", "gene_name"]]], ignore_index=True)
+        X = count_matrix(n_cells, n_genes, seed=seed, depth=depth)
+        obs = pd.DataFrame(
+            {"cell_type": pd.Categorical(np.where(np.arange(n_cells) % 2, "B cell", "T cell"))},
+            index=[f"cell{i}" for i in range(n_cells)],
+        )
+        var = pd.DataFrame(
+            {"gene_name": genes["gene_name"].to_numpy()}, index=genes["gene_id"].to_numpy()
+        )
+        return ad.AnnData(X=X, obs=obs, var=var)
+
+    return make
+
+
+def run(
+    cmd: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: int = 1200
+) -> subprocess.CompletedProcess:
+    """Run a command, returning its result (stdout and stderr together)."""
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class Project:
+    """A scratch project: its own config and dataset sheet, Snakemake run from the repository."""
+
+    def __init__(
+        self, root: Path, datasets: list[dict[str, object]], config: dict | None = None
+    ) -> None:
+        self.root = root
+        self.results = root / "results"
+        self.sheet = root / "datasets.tsv"
+        self.config_path = root / "config.yaml"
+        self.write(datasets, config or {})
+
+    def write(self, datasets: list[dict[str, object]], config: dict, name: str = "") -> Path:
+        """Write a sheet and a config (a named variant leaves the project's own untouched)."""
+        sheet = self.root / f"datasets{name}.tsv"
+        config_path = self.root / f"config{name}.yaml"
+        pd.DataFrame(datasets).to_csv(sheet, sep="\t", index=False)
+        body = {
+            "project_path": str(self.results),
+            "datasets": str(sheet),
+            "demo": {"path": str(self.root / "demo")},
+            **config,
+        }
+        config_path.write_text(yaml.safe_dump(body, sort_keys=False))
+        if not name:
+            self.datasets, self.config = datasets, config
+        return config_path
+
+    def snakemake(
+        self,
+        *args: str,
+        profile: str = "profiles/local",
+        config: Path | None = None,
+        timeout: int = 1800,
+    ) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--profile",
+            profile,
+            "--configfile",
+            str(config or self.config_path),
+            "--cores",
+            "2",
+            *args,
+        ]
+        return run(cmd, cwd=REPO, timeout=timeout)
+
+    def planned_jobs(self, *args: str, config: Path | None = None) -> dict[str, int]:
+        """Jobs a dry run would execute, by rule (the 'Job stats' table)."""
+        result = self.snakemake("-n", "--quiet", "rules", *args, config=config)
+        assert result.returncode == 0, result.stdout
+        return parse_job_stats(result.stdout)
+
+    def planned_wildcards(self, rule: str, *args: str, config: Path | None = None) -> list[str]:
+        """Wildcards of the jobs of `rule` that a dry run would execute."""
+        result = self.snakemake("-n", *args, config=config)
+        assert result.returncode == 0, result.stdout
+        found, current = [], None
+        for line in result.stdout.splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("rule ", "localrule ")):
+                current = stripped.split()[1].rstrip(":")
+            elif current == rule and stripped.startswith("wildcards:"):
+                found.append(stripped.removeprefix("wildcards:").strip())
+        return sorted(found)
+
+
+def parse_job_stats(output: str) -> dict[str, int]:
+    jobs: dict[str, int] = {}
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("job") and "count" in line:
+            for row in lines[i + 2 :]:
+                parts = row.split()
+                if len(parts) != 2 or not parts[1].isdigit():
+                    break
+                if parts[0] != "total":
+                    jobs[parts[0]] = int(parts[1])
+            break
+    return jobs
+
+
+@pytest.fixture
+def project_factory(tmp_path: Path) -> Callable[..., Project]:
+    def make(
+        datasets: list[dict[str, object]], config: dict | None = None, name: str = "project"
+    ) -> Project:
+        root = tmp_path / name
+        root.mkdir()
+        return Project(root, datasets, config)
+
+    return make

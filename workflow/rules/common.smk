@@ -1,0 +1,170 @@
+# Helpers of the workflow: config and dataset-sheet validation, wildcard constraints, input
+# and params functions. Rules stay thin calls into the cellfoundry package.
+import json
+import re
+from pathlib import Path
+
+from cellfoundry.config import dataset_settings, read_dataset_sheet, validate_config
+from cellfoundry.demo import DEMO_DATASETS
+from cellfoundry.reference import bundled_species
+from cellfoundry import preprocess, shards, splits, vocabulary, panels
+
+SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
+
+config.update(validate_config(config, SCHEMAS / "config.schema.yaml", source="config"))
+DATASETS = read_dataset_sheet(config["datasets"], SCHEMAS / "datasets.schema.yaml")
+SPECIES = sorted(DATASETS["species"].unique())
+PROJECT = config["project_path"]
+
+
+wildcard_constraints:
+    dataset="|".join(re.escape(name) for name in DATASETS.index),
+    species="|".join(re.escape(name) for name in SPECIES),
+
+
+def out(path):
+    """A path under the project directory."""
+    return f"{PROJECT}/{path}"
+
+
+def as_json(value):
+    """Params as canonical JSON, so equal settings always compare equal."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def datasets_of(species):
+    return sorted(DATASETS.index[DATASETS["species"] == species])
+
+
+def has_reference(species):
+    return species in bundled_species() or species in config["reference"]["tables"]
+
+
+# --- reference -------------------------------------------------------------------------
+
+
+def reference_table(wildcards):
+    return config["reference"]["tables"].get(wildcards.species, [])
+
+
+def reference_of(wildcards):
+    species = DATASETS.loc[wildcards.dataset, "species"]
+    return out(f"references/genes/{species}.parquet") if has_reference(species) else []
+
+
+# --- preprocess ------------------------------------------------------------------------
+
+
+def dataset_path(wildcards):
+    return DATASETS.loc[wildcards.dataset, "path"]
+
+
+def dataset_input(wildcards):
+    """The dataset's file or folder (LaminDB references are materialised by the job)."""
+    path = dataset_path(wildcards)
+    return [] if path.startswith("lamin://") else path
+
+
+def preprocess_settings(wildcards):
+    row = DATASETS.loc[wildcards.dataset].to_dict()
+    return as_json(dataset_settings(config, row))
+
+
+def species_of(wildcards):
+    return DATASETS.loc[wildcards.dataset, "species"]
+
+
+def species_gene_stats(wildcards):
+    return expand(
+        out("stats/datasets/{dataset}.parquet"), dataset=datasets_of(wildcards.species)
+    )
+
+
+# --- vocabulary and panels -------------------------------------------------------------
+
+
+def vocabulary_import(wildcards):
+    return config["vocabulary"]["import"].get(wildcards.species, [])
+
+
+def user_panels(species):
+    return config["panels"]["user"].get(species, {})
+
+
+def user_panel_source(wildcards):
+    return user_panels(wildcards.species)[wildcards.panel]
+
+
+def panel_names(species):
+    return ["hvg", *sorted(user_panels(species))]
+
+
+USER_PANEL_NAMES = sorted(
+    {name for species in SPECIES for name in user_panels(species)}
+)
+
+
+# --- splits and shards -----------------------------------------------------------------
+
+
+def uses_default_split():
+    return not config["splits"]["train"] and not config["splits"]["val"]
+
+
+def split_files():
+    """The config's split files (inputs of the split expansion)."""
+    names = set()
+    for items in (config["splits"]["train"], config["splits"]["val"]):
+        names |= {item if isinstance(item, str) else item["source"] for item in items}
+    return [f"{config['splits']['dir']}/{name}.yaml" for name in sorted(names)]
+
+
+def default_split_outputs():
+    if not uses_default_split():
+        return []
+    return expand(out("splits/{dataset}.yaml"), dataset=sorted(DATASETS.index))
+
+
+def project_of_manifest(wildcards, output):
+    """The project directory, from the manifest's path (<project>/manifests/splits.parquet)."""
+    return str(Path(output.manifest).parent.parent)
+
+
+def dataset_species_json():
+    return as_json(
+        {name: DATASETS.loc[name, "species"] for name in sorted(DATASETS.index)}
+    )
+
+
+# --- targets ---------------------------------------------------------------------------
+
+
+def prep_outputs():
+    targets = [out("manifests/shards.parquet")]
+    targets += expand(out("qc/{dataset}/qc.json"), dataset=sorted(DATASETS.index))
+    targets += expand(out("provenance/{dataset}.json"), dataset=sorted(DATASETS.index))
+    for species in SPECIES:
+        targets.append(
+            out(f"references/vocabulary/token_mappings_per_specie/{species}.csv")
+        )
+        targets += [
+            out(f"panels/{species}/{name}.csv") for name in panel_names(species)
+        ]
+    return targets
+
+
+# --- demo ------------------------------------------------------------------------------
+
+
+def demo_folder(wildcards, output):
+    return str(Path(output[0]).parent)
+
+
+DEMO_OUTPUTS = [
+    (
+        directory(f"{config['demo']['path']}/{demo.path}")
+        if not Path(demo.path).suffix
+        else f"{config['demo']['path']}/{demo.path}"
+    )
+    for demo in DEMO_DATASETS
+]

@@ -1,0 +1,12 @@
+rule demo_corpus:
+    output:
+        DEMO_OUTPUTS,
+    log:
+        out("logs/demo_corpus.log"),
+    conda:
+        "../../envs/prep.yaml"
+    params:
+        seed=config["seed"],
+        out=demo_folder,
+    shell:
+        "python -m cellfoundry demo --out {params.out:q} --seed {params.seed} > {log:q} 2>&1"

@@ -16,12 +16,16 @@ include: "workflow/rules/vocabulary.smk"
 include: "workflow/rules/panels.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/shards.smk"
+include: "workflow/rules/embeddings.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:
     default_target: True
     input:
         prep_outputs(),
+        embedding_outputs(),
+        model_outputs(),
 
 
 rule prep:

@@ -203,3 +203,176 @@ def project_factory(tmp_path: Path) -> Callable[..., Project]:
         return Project(root, datasets, config)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> dict[str, object]:
+    """A small prepared corpus (simulated demo, 120 cells per dataset), made by the command-line
+    stages in this process: shard manifest, token mappings, gene summaries, gene embeddings."""
+    import json
+
+    from cellfoundry.cli import main
+    from cellfoundry.config import validate_config
+    from cellfoundry.demo import DEMO_DATASETS, write_demo_corpus
+
+    root = tmp_path_factory.mktemp("tiny")
+    project = root / "project"
+    write_demo_corpus(root / "demo", seed=0, n_cells=120)
+    names = ["demo_pbmc_ids", "demo_pbmc_10x", "demo_brain", "demo_retina"]
+    datasets = {d.name: d for d in DEMO_DATASETS if d.name in names}
+    config = validate_config({})
+    settings = json.dumps(config["preprocess"])
+    species = sorted({d.species for d in datasets.values()})
+    for species_name in species:
+        main(
+            [
+                "reference",
+                "--species",
+                species_name,
+                "--out",
+                str(project / "references" / "genes" / f"{species_name}.parquet"),
+            ]
+        )
+    for name, d in datasets.items():
+        main(
+            [
+                "preprocess",
+                "--dataset",
+                name,
+                "--species",
+                d.species,
+                "--input",
+                str(root / "demo" / d.path),
+                "--reference",
+                str(project / "references" / "genes" / f"{d.species}.parquet"),
+                "--settings",
+                settings,
+                "--h5ad-dir",
+                str(project / "data" / name / "h5ads"),
+                "--gene-stats",
+                str(project / "stats" / "datasets" / f"{name}.parquet"),
+                "--qc-json",
+                str(project / "qc" / name / "qc.json"),
+                "--qc-plot",
+                str(project / "qc" / name / "qc.png"),
+                "--provenance",
+                str(project / "provenance" / f"{name}.json"),
+            ]
+        )
+        main(
+            [
+                "shards",
+                "--dataset",
+                name,
+                "--species",
+                d.species,
+                "--h5ad-dir",
+                str(project / "data" / name / "h5ads"),
+                "--n-bins",
+                "51",
+                "--out",
+                str(project / "shards" / name),
+            ]
+        )
+    token_mappings, summaries = {}, {}
+    for species_name in species:
+        stats = [
+            str(project / "stats" / "datasets" / f"{n}.parquet")
+            for n, d in datasets.items()
+            if d.species == species_name
+        ]
+        summaries[species_name] = project / "stats" / "species" / f"{species_name}.summary.parquet"
+        main(
+            [
+                "gene-stats",
+                "--species",
+                species_name,
+                "--inputs",
+                *stats,
+                "--out",
+                str(project / "stats" / "species" / f"{species_name}.parquet"),
+                "--summary",
+                str(summaries[species_name]),
+            ]
+        )
+        token_mappings[species_name] = (
+            project
+            / "references"
+            / "vocabulary"
+            / "token_mappings_per_specie"
+            / f"{species_name}.csv"
+        )
+        main(
+            [
+                "vocabulary",
+                "--species",
+                species_name,
+                "--stats",
+                str(project / "stats" / "species" / f"{species_name}.parquet"),
+                "--reference",
+                str(project / "references" / "genes" / f"{species_name}.parquet"),
+                "--min-cells",
+                "3",
+                "--out",
+                str(token_mappings[species_name]),
+            ]
+        )
+    main(
+        [
+            "splits",
+            "--settings",
+            json.dumps(config["splits"]),
+            "--datasets",
+            json.dumps({n: d.species for n, d in datasets.items()}),
+            "--project-path",
+            str(project),
+            "--out",
+            str(project / "manifests" / "splits.parquet"),
+            "--split-dir",
+            str(project / "splits"),
+        ]
+    )
+    manifest = project / "manifests" / "shards.parquet"
+    main(
+        [
+            "shard-manifest",
+            "--splits",
+            str(project / "manifests" / "splits.parquet"),
+            "--shards",
+            *[str(project / "shards" / n) for n in datasets],
+            "--out",
+            str(manifest),
+        ]
+    )
+    embeddings = {}
+    for species_name in species:
+        embeddings[species_name] = (
+            project / "references" / "embeddings" / "coexpression" / f"{species_name}.csv"
+        )
+        main(
+            [
+                "embeddings",
+                "--name",
+                "coexpression",
+                "--species",
+                species_name,
+                "--token-mapping",
+                str(token_mappings[species_name]),
+                "--manifest",
+                str(manifest),
+                "--settings",
+                json.dumps({"method": "coexpression", "dim": 16}),
+                "--out",
+                str(embeddings[species_name]),
+                "--report",
+                str(project / "qc" / "embeddings" / f"{species_name}.json"),
+            ]
+        )
+    return {
+        "project": project,
+        "manifest": manifest,
+        "token_mappings": token_mappings,
+        "summaries": summaries,
+        "embeddings": embeddings,
+        "datasets": datasets,
+    }

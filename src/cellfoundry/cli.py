@@ -239,6 +239,87 @@ def _shard_manifest(args: argparse.Namespace) -> None:
     log.info("shard manifest: %d files, %d cells", manifest.height, manifest["n_cells"].sum())
 
 
+@command("embeddings")
+def _embeddings(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from cellfoundry import embeddings
+    from cellfoundry.io import atomic_outputs, write_json
+    from cellfoundry.vocabulary import read_token_mapping
+
+    settings = _json(args.settings)
+    manifest = pl.read_parquet(args.manifest).filter(
+        (pl.col("species") == args.species) & (pl.col("split") == "train")
+    )
+    inputs = embeddings.EmbeddingInputs(
+        species=args.species,
+        token_mapping=read_token_mapping(args.species, args.token_mapping),
+        shards=tuple(Path(p) for p in manifest["shard"].unique(maintain_order=True).to_list()),
+        seed=args.seed,
+    )
+    method = embeddings.resolve_method(settings.pop("method"))
+    result = method(inputs, settings)
+    with atomic_outputs(args.out, args.report) as (out, report):
+        embeddings.write_csv(result, out)
+        write_json(report, {"name": args.name, "species": args.species, **result.report()})
+    summary = result.report()
+    log.info(
+        "%s %s: %d of %d genes embedded in %d dimensions; %d get the zero fallback",
+        args.name,
+        args.species,
+        summary["n_embedded"],
+        summary["n_genes"],
+        summary["dim"],
+        summary["n_fallback"],
+    )
+
+
+@command("train")
+def _train(args: argparse.Namespace) -> None:
+    from cellfoundry.config import section_defaults
+    from cellfoundry.train.run import TrainInputs, train
+
+    settings = section_defaults(
+        "train", apply_overrides(_json(args.settings), args.set), source="--settings/--set"
+    )
+    inputs = TrainInputs(
+        manifest=Path(args.manifest),
+        token_mappings=_by_species(args.token_mappings),
+        summaries=_by_species(args.summaries),
+        gene_embeddings=_by_species(args.gene_embeddings),
+    )
+    train(
+        settings,
+        inputs,
+        args.run_dir,
+        seed=args.seed,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        accelerator=args.accelerator,
+    )
+
+
+def _by_species(paths: Sequence[str]) -> dict[str, Path]:
+    """Files named after their species (`hsapiens.csv`, `hsapiens.summary.parquet`)."""
+    return {Path(p).name.split(".")[0]: Path(p) for p in paths}
+
+
+def apply_overrides(settings: dict, overrides: Sequence[str]) -> dict:
+    """Apply `key.sub=value` overrides (values parsed as YAML) to a nested settings dict."""
+    import yaml
+
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise CellfoundryError(f"--set {override!r}: expected key=value")
+        node = settings
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(text)
+    return settings
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellfoundry", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -308,6 +389,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--h5ad-dir", required=True)
     p.add_argument("--n-bins", type=int, required=True)
     p.add_argument("--out", required=True)
+
+    p = sub.add_parser("embeddings", help="gene embeddings of a species by one method")
+    p.add_argument(
+        "--name", required=True, help="name of the embedding (folder under references/embeddings)"
+    )
+    p.add_argument("--species", required=True)
+    p.add_argument("--token-mapping", required=True)
+    p.add_argument(
+        "--manifest", required=True, help="shard manifest (the train split's shards are used)"
+    )
+    p.add_argument("--settings", required=True, help="method settings including 'method' (JSON)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--report", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a model and export it to <run-dir>/final")
+    p.add_argument("--settings", default="", help="the config's train section (JSON)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set model.d_model=256",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--manifest", required=True, help="manifests/shards.parquet")
+    p.add_argument(
+        "--token-mappings", nargs="+", required=True, help="<species>.csv token mappings"
+    )
+    p.add_argument(
+        "--summaries",
+        nargs="*",
+        default=[],
+        help="<species>.summary.parquet gene summaries (medians)",
+    )
+    p.add_argument("--gene-embeddings", nargs="*", default=[], help="<species>.csv gene embeddings")
+    p.add_argument("--run-dir", required=True, help="model_checkpoints/<run>")
+    p.add_argument(
+        "--devices", type=int, default=1, help="devices per node (from the rule's resources)"
+    )
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--accelerator", default="auto")
 
     p = sub.add_parser("shard-manifest", help="one manifest of all shards with their splits")
     p.add_argument("--splits", required=True)

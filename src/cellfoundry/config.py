@@ -35,6 +35,11 @@ PREPROCESS_OVERRIDES = {
 }
 
 
+def schema_path(name: str) -> Path:
+    """A schema shipped with the package (`config` or `datasets`); `workflow/schemas` links here."""
+    return Path(__file__).parent / "schemas" / f"{name}.schema.yaml"
+
+
 def load_schema(path: str | Path) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
@@ -71,13 +76,22 @@ def validate(instance: Any, schema: dict[str, Any], *, source: str) -> Any:
 
 
 def validate_config(
-    config: dict[str, Any], schema_path: str | Path, *, source: str = "config"
+    config: dict[str, Any], schema: str | Path | None = None, *, source: str = "config"
 ) -> dict[str, Any]:
     """The config with defaults filled in; raises ConfigError naming the key."""
-    return validate(config or {}, load_schema(schema_path), source=source)
+    return validate(config or {}, load_schema(schema or schema_path("config")), source=source)
 
 
-def read_dataset_sheet(path: str | Path, schema_path: str | Path) -> pd.DataFrame:
+def section_defaults(
+    section: str, values: dict[str, Any] | None = None, *, source: str = "settings"
+) -> dict[str, Any]:
+    """One top-level section of the config (e.g. `train`), validated, with its defaults."""
+    schema = load_schema(schema_path("config"))
+    sub = {**schema["properties"][section], "$defs": schema.get("$defs", {})}
+    return validate(values or {}, sub, source=f"{source} ({section})")
+
+
+def read_dataset_sheet(path: str | Path, schema: str | Path | None = None) -> pd.DataFrame:
     """Read and validate the dataset sheet (TSV), one row per dataset, indexed by name.
 
     Empty cells mean "use the config's value". Raises ConfigError naming the row and column.
@@ -89,7 +103,7 @@ def read_dataset_sheet(path: str | Path, schema_path: str | Path) -> pd.DataFram
         path, sep="\t", dtype=str, comment="#", skip_blank_lines=True, keep_default_na=False
     )
     sheet.columns = [c.strip() for c in sheet.columns]
-    schema = load_schema(schema_path)
+    schema = load_schema(schema or schema_path("datasets"))
     rows = []
     for number, record in enumerate(sheet.to_dict(orient="records"), start=2):
         row = {k: v.strip() for k, v in record.items() if isinstance(v, str) and v.strip() != ""}

@@ -7,12 +7,11 @@ from pathlib import Path
 from cellfoundry.config import dataset_settings, read_dataset_sheet, validate_config
 from cellfoundry.demo import DEMO_DATASETS
 from cellfoundry.reference import bundled_species
-from cellfoundry import preprocess, shards, splits, vocabulary, panels
+from cellfoundry import embeddings, panels, preprocess, shards, splits, vocabulary
 
-SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
-
-config.update(validate_config(config, SCHEMAS / "config.schema.yaml", source="config"))
-DATASETS = read_dataset_sheet(config["datasets"], SCHEMAS / "datasets.schema.yaml")
+# Schemas: workflow/schemas/ (shipped in the package, so the command line validates alike).
+config.update(validate_config(config, source="config"))
+DATASETS = read_dataset_sheet(config["datasets"])
 SPECIES = sorted(DATASETS["species"].unique())
 PROJECT = config["project_path"]
 
@@ -20,6 +19,8 @@ PROJECT = config["project_path"]
 wildcard_constraints:
     dataset="|".join(re.escape(name) for name in DATASETS.index),
     species="|".join(re.escape(name) for name in SPECIES),
+    embedding="|".join(re.escape(name) for name in sorted(config["embeddings"]))
+    or "(?!)",
 
 
 def out(path):
@@ -134,6 +135,45 @@ def dataset_species_json():
     return as_json(
         {name: DATASETS.loc[name, "species"] for name in sorted(DATASETS.index)}
     )
+
+
+# --- gene embeddings and training ------------------------------------------------------
+
+EMBEDDINGS = sorted(config["embeddings"])
+TRAIN_RUN = config["train"]["run"]
+
+
+def embedding_settings(wildcards):
+    return as_json(config["embeddings"][wildcards.embedding])
+
+
+def embedding_outputs():
+    return expand(
+        out("references/embeddings/{embedding}/{species}.csv"),
+        embedding=EMBEDDINGS,
+        species=SPECIES,
+    )
+
+
+def training_gene_embeddings():
+    name = config["train"]["gene_embeddings"]
+    if name is None:
+        return []
+    if name not in config["embeddings"]:
+        raise ValueError(
+            f"config: train.gene_embeddings: '{name}' is not an entry of `embeddings`"
+        )
+    return expand(
+        out("references/embeddings/{embedding}/{species}.csv"),
+        embedding=[name],
+        species=SPECIES,
+    )
+
+
+def model_outputs():
+    if not config["train"]["enabled"]:
+        return []
+    return [out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors")]
 
 
 # --- targets ---------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Training: data module, objectives, the Lightning system, the run and the export."""

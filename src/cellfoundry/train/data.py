@@ -1,0 +1,379 @@
+"""Data for training: a multi-species vocabulary layout, batch plans, and the LightningDataModule.
+
+Batches are planned, not drawn: global batch k of a run is a pure function of (seed, k), so a
+run resumed from a checkpoint at step s continues with exactly the batches an uninterrupted run
+would have seen, and the global batch is the same whatever the number of ranks (each rank takes
+its slice). Tokenization (the objective's `collate`) runs in the Dataset, hence in worker
+processes when `num_workers > 0`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cellfoundry.loader import ShardCollection, SparseBatch
+from cellfoundry.seeds import derive_seed
+from cellfoundry.vocabulary import CLS, MASK, PAD, TokenMapping
+
+SPECIALS = (CLS, PAD, MASK)
+
+
+@dataclass(frozen=True)
+class VocabularyLayout:
+    """One token space for several species: `<cls>` 0, `<pad>` 1, `<mask>` 2, then each species'
+    genes in a block of their own (species sorted by name, genes in token order).
+
+    Species' token mappings each start their genes at 3, so the same local id means different
+    genes in different species; `local_to_global[species]` maps a species' local ids to model ids.
+    """
+
+    species: tuple[str, ...]
+    offsets: dict[str, int]
+    local_to_global: dict[str, np.ndarray]
+    n_tokens: int
+
+    cls_id = 0
+    pad_id = 1
+    mask_id = 2
+
+    @classmethod
+    def from_mappings(cls, mappings: Mapping[str, TokenMapping]) -> VocabularyLayout:
+        offsets, tables, start = {}, {}, len(SPECIALS)
+        for species in sorted(mappings):
+            mapping = mappings[species]
+            lut = np.full(mapping.n_tokens, -1, dtype=np.int64)
+            for i, name in enumerate(SPECIALS):
+                lut[mapping.token_of(name)] = i
+            genes = mapping.gene_table["token"].to_numpy()
+            lut[np.sort(genes)] = start + np.arange(len(genes))
+            offsets[species], tables[species] = start, lut
+            start += len(genes)
+        return cls(tuple(sorted(mappings)), offsets, tables, start)
+
+    def gene_range(self, species: str) -> tuple[int, int]:
+        """[low, high) model ids of a species' genes."""
+        low = self.offsets[species]
+        return low, low + int((self.local_to_global[species] >= len(SPECIALS)).sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"species": list(self.species), "offsets": self.offsets, "n_tokens": self.n_tokens}
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """The shards of one split with what tokenization needs."""
+
+    collection: ShardCollection
+    layout: VocabularyLayout
+    datasets: np.ndarray  # dataset index of each shard
+    species: np.ndarray  # species name of each shard
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.collection)
+
+
+def open_split(
+    manifest: str | Path,
+    split: str,
+    mappings: Mapping[str, TokenMapping],
+    layout: VocabularyLayout,
+    *,
+    medians: Mapping[str, pl.DataFrame] | None = None,
+) -> SplitData:
+    """Open the shards of `split` listed in a shard manifest."""
+    frame = pl.read_parquet(manifest).filter(pl.col("split") == split)
+    if frame.height == 0:
+        raise ValueError(f"the shard manifest {manifest} lists no '{split}' files")
+    collection = ShardCollection(
+        [Path(p) for p in frame["shard"].to_list()], mappings, medians=medians
+    )
+    names = frame["dataset"].to_list()
+    index = {name: i for i, name in enumerate(sorted(set(names)))}
+    return SplitData(
+        collection,
+        layout,
+        np.array([index[n] for n in names]),
+        np.array(frame["species"].to_list(), dtype=object),
+    )
+
+
+class BatchPlan:
+    """Global batches of cell ids, epoch after epoch, from seeded permutations.
+
+    With `within_dataset`, every batch holds cells of one dataset (scConcept's batches hold one
+    dataset, hence one species); otherwise batches mix the whole split.
+    """
+
+    def __init__(
+        self, data: SplitData, global_batch: int, *, seed: int, within_dataset: bool = False
+    ) -> None:
+        self.global_batch = global_batch
+        self.seed = seed
+        self.within_dataset = within_dataset
+        ranges = data.collection.shard_ranges()
+        groups: dict[int, list[np.ndarray]] = {}
+        for (start, stop), dataset in zip(ranges, data.datasets, strict=True):
+            groups.setdefault(int(dataset) if within_dataset else 0, []).append(
+                np.arange(start, stop)
+            )
+        self.groups = [np.concatenate(groups[k]) for k in sorted(groups)]
+        self.batches_per_epoch = sum(len(g) // global_batch for g in self.groups)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"no batch of {global_batch} cells fits: the largest group has {max(len(g) for g in self.groups)} cells"
+            )
+        self._epoch: int | None = None
+        self._plan: list[np.ndarray] = []
+
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        if self._epoch != epoch:
+            rng = np.random.default_rng(derive_seed(self.seed, "batches", epoch))
+            batches = []
+            for group in self.groups:
+                order = rng.permutation(group)
+                n = len(order) // self.global_batch
+                batches += [
+                    order[i * self.global_batch : (i + 1) * self.global_batch] for i in range(n)
+                ]
+            self._plan = [batches[i] for i in rng.permutation(len(batches))]
+            self._epoch = epoch
+        return self._plan
+
+    def batch(self, k: int) -> np.ndarray:
+        """Global batch number k of the run."""
+        epoch, position = divmod(k, self.batches_per_epoch)
+        return self.epoch_plan(epoch)[position]
+
+
+class PlannedBatches(Sampler):
+    """Yields (k, this rank's cells of global batch k) for k = start, start+1, ... (endless) or
+    for the first `limit` batches (validation)."""
+
+    def __init__(
+        self,
+        plan: BatchPlan,
+        *,
+        rank: int,
+        world_size: int,
+        start: int = 0,
+        limit: int | None = None,
+    ) -> None:
+        self.plan, self.rank, self.world_size = plan, rank, world_size
+        self.start, self.limit = start, limit
+        if plan.global_batch % world_size:
+            raise ValueError(
+                f"global batch {plan.global_batch} does not split over {world_size} ranks"
+            )
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        k = self.start
+        while self.limit is None or k < self.limit:
+            cells = self.plan.batch(k)
+            per_rank = len(cells) // self.world_size
+            yield k, cells[self.rank * per_rank : (self.rank + 1) * per_rank]
+            k += 1
+
+    def __len__(self) -> int:
+        if self.limit is None:
+            raise TypeError("an endless stream of training batches has no length")
+        return self.limit - self.start
+
+
+class CollatedBatches(Dataset):
+    """Map (k, cells) to a tokenized batch: gather from the shards, then the objective's collate."""
+
+    def __init__(self, data: SplitData, collate: Any, *, seed: int, rank: int) -> None:
+        self.data, self.collate, self.seed, self.rank = data, collate, seed, rank
+
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
+        k, cells = item
+        batch: SparseBatch = self.data.collection.gather(cells)
+        rng = np.random.default_rng(derive_seed(self.seed, "collate", k, self.rank))
+        return self.collate(batch, self.data, rng)
+
+    def __len__(self) -> int:  # required by Dataset's protocol; batches are addressed by plan
+        return self.data.n_cells
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train and validation loaders over the shard manifest.
+
+    Parameters
+    ----------
+    manifest
+        `manifests/shards.parquet`.
+    mappings
+        Token mapping of every species.
+    collate
+        The objective's collate: (SparseBatch, SplitData, numpy Generator) -> dict of tensors.
+    batch_size
+        Cells per device per step (the global batch is batch_size x world size).
+    seed
+        Seed of the batch plans and of the collate's randomness.
+    within_dataset
+        Batches hold one dataset each (contrastive training).
+    val_batches
+        Validation batches per evaluation (a fixed set, the same at every evaluation).
+    num_workers
+        Loader worker processes (0: load in the training process).
+    medians
+        Species -> gene summary with `nonzero_median` (rank-ordered tokenization).
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        mappings: Mapping[str, TokenMapping],
+        collate: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        within_dataset: bool = False,
+        val_batches: int = 20,
+        num_workers: int = 0,
+        medians: Mapping[str, pl.DataFrame] | None = None,
+    ) -> None:
+        super().__init__()
+        self.manifest, self.mappings, self.collate = Path(manifest), dict(mappings), collate
+        self.batch_size, self.seed, self.within_dataset = batch_size, seed, within_dataset
+        self.val_batches, self.num_workers, self.medians = val_batches, num_workers, medians
+        self.layout = VocabularyLayout.from_mappings(self.mappings)
+        self.train: SplitData | None = None
+        self.val: SplitData | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is None:
+            self.train = open_split(
+                self.manifest, "train", self.mappings, self.layout, medians=self.medians
+            )
+            frame = pl.read_parquet(self.manifest)
+            if (frame["split"] == "val").any():
+                self.val = open_split(
+                    self.manifest, "val", self.mappings, self.layout, medians=self.medians
+                )
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._world()
+        plan = BatchPlan(
+            self.train, self.batch_size * world, seed=self.seed, within_dataset=self.within_dataset
+        )
+        # Resume where the checkpoint left off: batches consumed = optimizer steps x accumulation.
+        start = 0
+        if self.trainer is not None:
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        sampler = PlannedBatches(plan, rank=rank, world_size=world, start=start)
+        return self._loader(self.train, sampler, seed=self.seed, rank=rank)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val is None:
+            return []
+        rank, world = self._world()
+        plan = BatchPlan(
+            self.val,
+            self.batch_size * world,
+            seed=derive_seed(self.seed, "val"),
+            within_dataset=self.within_dataset,
+        )
+        sampler = PlannedBatches(
+            plan, rank=rank, world_size=world, limit=min(self.val_batches, plan.batches_per_epoch)
+        )
+        return self._loader(self.val, sampler, seed=derive_seed(self.seed, "val"), rank=rank)
+
+    def _loader(self, data: SplitData, sampler: Sampler, *, seed: int, rank: int) -> DataLoader:
+        return DataLoader(
+            CollatedBatches(data, self.collate, seed=seed, rank=rank),
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+def pack(lengths: np.ndarray) -> np.ndarray:
+    """cu_seqlens (int32) of cells with the given lengths."""
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+def to_padded(
+    flat: Mapping[str, np.ndarray], cu_seqlens: np.ndarray, *, pad: Mapping[str, int]
+) -> dict[str, torch.Tensor]:
+    """Right-padded [B, L] tensors from packed arrays; `padding_mask` True where padded."""
+    lengths = np.diff(cu_seqlens)
+    n, width = len(lengths), int(lengths.max()) if len(lengths) else 0
+    rows = np.repeat(np.arange(n), lengths)
+    cols = np.arange(int(cu_seqlens[-1])) - np.repeat(cu_seqlens[:-1], lengths)
+    out: dict[str, torch.Tensor] = {}
+    for name, values in flat.items():
+        array = np.full((n, width), pad.get(name, 0), dtype=values.dtype)
+        array[rows, cols] = values
+        out[name] = torch.from_numpy(array)
+    padding = np.ones((n, width), dtype=bool)
+    padding[rows, cols] = False
+    out["padding_mask"] = torch.from_numpy(padding)
+    return out
+
+
+def as_model_batch(
+    flat: Mapping[str, np.ndarray],
+    cu_seqlens: np.ndarray,
+    *,
+    padding_free: bool,
+    pad: Mapping[str, int],
+) -> dict[str, torch.Tensor]:
+    """The model's batch in either layout: varlen (`cu_seqlens`, `max_seqlen`) or padded."""
+    if padding_free:
+        out = {
+            name: torch.from_numpy(np.ascontiguousarray(values)) for name, values in flat.items()
+        }
+        out["cu_seqlens"] = torch.from_numpy(cu_seqlens)
+        out["max_seqlen"] = torch.tensor(int(np.diff(cu_seqlens).max()))
+        return out
+    return to_padded(flat, cu_seqlens, pad=pad)
+
+
+def select_entries(
+    offsets: np.ndarray, max_per_row: int, rng: np.random.Generator | None
+) -> np.ndarray:
+    """Indices of at most `max_per_row` entries of each CSR row: a random subset (rng) or the first.
+
+    Returns entry indices grouped by row, in row order, ascending within a row.
+    """
+    lengths = np.diff(offsets)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    if rng is None:
+        rank = np.arange(len(rows)) - np.repeat(offsets[:-1], lengths)
+        return np.flatnonzero(rank < max_per_row)
+    keys = rng.random(len(rows))
+    order = np.lexsort((keys, rows))
+    rank = np.arange(len(rows)) - np.repeat(offsets[:-1], lengths)
+    chosen = order[rank < max_per_row]
+    return np.sort(chosen)
+
+
+def global_tokens(batch: SparseBatch, data: SplitData) -> np.ndarray:
+    """The batch's tokens in the model's token space (see `VocabularyLayout`)."""
+    out = np.empty(len(batch.tokens), dtype=np.int64)
+    entry_shard = np.repeat(batch.shard, batch.lengths)
+    for species in np.unique(data.species[batch.shard]):
+        entries = data.species[entry_shard] == species
+        out[entries] = data.layout.local_to_global[species][batch.tokens[entries]]
+    return out
+
+
+def read_medians(paths: Sequence[str | Path]) -> dict[str, pl.DataFrame]:
+    """Species summaries (`stats/species/<species>.summary.parquet`) keyed by species."""
+    return {Path(p).name.split(".")[0]: pl.read_parquet(p) for p in paths}

@@ -1,0 +1,258 @@
+"""Training: vocabulary layout, batch plans, tokenization, optimisation recipe, export and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cellfoundry.cli import apply_overrides
+from cellfoundry.config import section_defaults
+from cellfoundry.embeddings import read_csv
+from cellfoundry.train.data import BatchPlan, PlannedBatches, VocabularyLayout, open_split
+from cellfoundry.train.export import gene_embedding_matrix, load_pretrained
+from cellfoundry.train.run import TrainInputs, build, train
+from cellfoundry.train.system import OptimizerConfig, lr_factor, parameter_groups
+from cellfoundry.vocabulary import read_token_mapping
+
+TINY = {
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_len": 64},
+    "batch_size": 8,
+    "max_steps": 30,
+    "val_every_n_steps": 10,
+    "val_batches": 2,
+    "checkpoint_every_n_steps": 10,
+    "log_every_n_steps": 5,
+    "optimizer": {"warmup_steps": 5, "lr": 0.003},
+}
+
+
+def settings(**changes) -> dict:
+    values = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        apply_overrides(values, [f"{key}={json.dumps(value)}"])
+    return section_defaults("train", values)
+
+
+def inputs_of(corpus, *, embeddings: bool = True) -> TrainInputs:
+    return TrainInputs(
+        corpus["manifest"],
+        corpus["token_mappings"],
+        corpus["summaries"],
+        corpus["embeddings"] if embeddings else {},
+    )
+
+
+def mappings_of(corpus):
+    return {s: read_token_mapping(s, p) for s, p in corpus["token_mappings"].items()}
+
+
+def test_vocabulary_layout_separates_species(tiny_corpus):
+    mappings = mappings_of(tiny_corpus)
+    layout = VocabularyLayout.from_mappings(mappings)
+    human, mouse = layout.local_to_global["hsapiens"], layout.local_to_global["mmusculus"]
+    for lut, mapping in ((human, mappings["hsapiens"]), (mouse, mappings["mmusculus"])):
+        assert (lut[mapping.cls_id], lut[mapping.pad_id], lut[mapping.mask_id]) == (0, 1, 2)
+    assert set(human[human >= 3]).isdisjoint(mouse[mouse >= 3])
+    assert (
+        layout.n_tokens
+        == 3 + mappings["hsapiens"].gene_table.height + mappings["mmusculus"].gene_table.height
+    )
+    assert layout.gene_range("hsapiens") == (3, 3 + mappings["hsapiens"].gene_table.height)
+
+
+def test_batch_plan_is_seeded_and_independent_of_world_size(tiny_corpus):
+    mappings = mappings_of(tiny_corpus)
+    data = open_split(
+        tiny_corpus["manifest"], "train", mappings, VocabularyLayout.from_mappings(mappings)
+    )
+    plan = BatchPlan(data, 16, seed=3)
+    again = BatchPlan(data, 16, seed=3)
+    assert all(
+        np.array_equal(plan.batch(k), again.batch(k)) for k in range(plan.batches_per_epoch + 3)
+    )
+    first_epoch = np.concatenate([plan.batch(k) for k in range(plan.batches_per_epoch)])
+    assert len(np.unique(first_epoch)) == len(first_epoch)  # an epoch never repeats a cell
+    single = list(PlannedBatches(plan, rank=0, world_size=1, limit=3))
+    ranks = [list(PlannedBatches(plan, rank=r, world_size=2, limit=3)) for r in (0, 1)]
+    for k in range(3):
+        assert np.array_equal(single[k][1], np.concatenate([ranks[0][k][1], ranks[1][k][1]]))
+    resumed = next(iter(PlannedBatches(plan, rank=0, world_size=1, start=2)))
+    assert resumed[0] == 2 and np.array_equal(resumed[1], single[2][1])
+    grouped = BatchPlan(data, 16, seed=3, within_dataset=True)
+    shard = data.collection.shard_of(
+        np.concatenate([grouped.batch(k) for k in range(5)]).reshape(5, 16)
+    )
+    assert all(len(set(data.datasets[row])) == 1 for row in shard)
+
+
+def test_binned_collate_masks_only_genes(tiny_corpus):
+    _, data, layout = build(settings(), inputs_of(tiny_corpus), seed=0)
+    data.setup()
+    cells = np.arange(12)
+    batch = data.train.collection.gather(cells)
+    out = data.collate(batch, data.train, np.random.default_rng(0))
+    tokens, mask, padding = out["tokens"], out["loss_mask"], out["padding_mask"]
+    assert tokens.shape[1] <= 64 and (tokens[:, 0] == layout.cls_id).all()
+    assert not mask[:, 0].any() and not (mask & padding).any()
+    assert (out["values"][mask] == 51).all()  # the MASK value state
+    assert ((out["targets"][mask] >= 1) & (out["targets"][mask] <= 50)).all()
+    assert (tokens[padding] == layout.pad_id).all()
+    assert 0.05 < mask.sum() / (~padding).sum() < 0.3
+    packed = build(settings(padding_free=True), inputs_of(tiny_corpus), seed=0)[1].collate(
+        batch, data.train, np.random.default_rng(0)
+    )
+    assert torch.equal(packed["tokens"], tokens[~padding])
+    assert torch.equal(packed["loss_mask"], mask[~padding])
+
+
+def test_optimizer_groups_and_schedule(tiny_corpus):
+    system, _, _ = build(settings(), inputs_of(tiny_corpus), seed=0)
+    decay, no_decay = parameter_groups(system.model, 0.01)
+    names = {id(p): n for n, p in system.model.named_parameters()}
+    assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert any("norm" in n for n in exempt) and any(n.endswith("bias") for n in exempt)
+    assert "encoder.embeddings.token_embedding.weight" in exempt
+    config = OptimizerConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_factor(0, config) == pytest.approx(0.1)
+    assert lr_factor(9, config) == pytest.approx(1.0)
+    assert lr_factor(60, config) == pytest.approx(0.55)
+    assert lr_factor(110, config) == pytest.approx(0.1)
+
+
+def test_gene_embeddings_land_on_their_tokens(tiny_corpus):
+    mappings = mappings_of(tiny_corpus)
+    layout = VocabularyLayout.from_mappings(mappings)
+    matrix, found = gene_embedding_matrix(layout, mappings, tiny_corpus["embeddings"])
+    ids, vectors = read_csv(tiny_corpus["embeddings"]["mmusculus"])
+    row = int(np.flatnonzero(np.any(vectors != 0, axis=1))[0])
+    token = layout.local_to_global["mmusculus"][mappings["mmusculus"].token_of(ids[row])]
+    assert np.allclose(matrix[token], vectors[row])
+    assert (matrix[:3] == 0).all()
+    assert found["mmusculus"] == int(np.any(vectors != 0, axis=1).sum())
+
+
+def test_train_export_and_load_give_the_same_outputs(tiny_corpus, tmp_path):
+    export = train(settings(max_steps=12), inputs_of(tiny_corpus), tmp_path / "run", seed=1)
+    config = json.loads((export / "config.json").read_text())
+    assert config["steps"] == 12 and config["objective"] == "binned_mlm"
+    assert sorted(p.name for p in (export / "token_mappings").iterdir()) == [
+        "hsapiens.csv",
+        "mmusculus.csv",
+    ]
+    model, layout, _ = load_pretrained(export)
+    system, data, _ = build(settings(max_steps=12), inputs_of(tiny_corpus), seed=1)
+    state = load_file(export / "model.safetensors")
+    system.model.load_state_dict(state, strict=False)  # tied weights are stored once
+    data.setup()
+    batch = data.collate(
+        data.val.collection.gather(np.arange(8)), data.val, np.random.default_rng(0)
+    )
+    system.model.eval()
+    with torch.inference_mode():
+        assert torch.equal(model.cell_embedding(batch), system.model.cell_embedding(batch))
+        a = model.value_head(model.encode(batch))
+        b = system.model.value_head(system.model.encode(batch))
+    assert torch.equal(a, b)
+    assert layout.n_tokens == model.config.encoder.vocab_size
+    metrics = pl.read_csv(tmp_path / "run" / "logs" / "metrics.csv")
+    val = metrics.filter(pl.col("val/loss").is_not_null()).sort("step")["val/loss"].to_list()
+    assert val[-1] < val[0]
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_from_its_checkpoint(tiny_corpus, tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "cellfoundry",
+        "train",
+        "--settings",
+        json.dumps(settings(max_steps=40)),
+        "--seed",
+        "2",
+        "--manifest",
+        str(tiny_corpus["manifest"]),
+        "--token-mappings",
+        *map(str, tiny_corpus["token_mappings"].values()),
+        "--summaries",
+        *map(str, tiny_corpus["summaries"].values()),
+    ]
+    run_dir = tmp_path / "interrupted"
+    log = (tmp_path / "first.log").open("w")
+    process = subprocess.Popen(
+        [*args, "--run-dir", str(run_dir)], stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.time() + 600
+    while not list(run_dir.glob("checkpoints/step*.ckpt")):
+        assert process.poll() is None, (tmp_path / "first.log").read_text()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(
+        int(p.stem.removeprefix("step")) for p in run_dir.glob("checkpoints/step*.ckpt")
+    )
+    assert killed_at < 40 and not (run_dir / "final").exists()
+
+    second = subprocess.run(
+        [*args, "--run-dir", str(run_dir)], capture_output=True, text=True, check=False
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/step{killed_at:07d}.ckpt" in second.stderr
+    assert json.loads((run_dir / "final" / "config.json").read_text())["steps"] == 40
+    metrics = pl.read_csv(run_dir / "logs" / "metrics.csv")
+    assert metrics["step"].max() == 39
+
+    # The resumed run saw the same batches as an uninterrupted one: same weights.
+    straight = subprocess.run(
+        [*args, "--run-dir", str(tmp_path / "straight")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    resumed = load_file(run_dir / "final" / "model.safetensors")
+    uninterrupted = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-4, atol=1e-5)
+
+
+def test_changed_settings_start_afresh(tiny_corpus, tmp_path):
+    train(
+        settings(max_steps=10), inputs_of(tiny_corpus, embeddings=False), tmp_path / "run", seed=0
+    )
+    assert (tmp_path / "run" / "checkpoints" / "step0000010.ckpt").is_file()
+    os.environ.pop("LOCAL_RANK", None)
+    train(
+        settings(max_steps=10, **{"optimizer.lr": 0.01}),
+        inputs_of(tiny_corpus, embeddings=False),
+        tmp_path / "run",
+        seed=0,
+    )
+    metrics = pl.read_csv(tmp_path / "run" / "logs" / "metrics.csv")
+    assert (
+        metrics.filter(pl.col("val/loss").is_not_null())["step"].min() == 0
+    )  # trained again from step 0
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["train"]["optimizer"]["lr"] == 0.01
+
+
+def test_command_line_overrides():
+    values = apply_overrides(
+        {"model": {"d_model": 8}}, ["model.d_model=256", "max_steps=7", "wandb.enabled=true"]
+    )
+    assert values == {"model": {"d_model": 256}, "max_steps": 7, "wandb": {"enabled": True}}
+    full = section_defaults("train", values)
+    assert full["model"]["n_layers"] == 2 and full["precision"] == "auto"

@@ -317,6 +317,29 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
                 str(token_mappings[species_name]),
             ]
         )
+    panels = {}
+    for species_name in species:
+        panels[species_name] = project / "panels" / species_name / "hvg.csv"
+        hvg = json.dumps({"n_top_genes": 200, "n_bins": 20})
+        main(
+            [
+                "panel",
+                "--species",
+                species_name,
+                "--name",
+                "hvg",
+                "--token-mapping",
+                str(token_mappings[species_name]),
+                "--summary",
+                str(summaries[species_name]),
+                "--settings",
+                hvg,
+                "--out",
+                str(panels[species_name]),
+                "--report",
+                str(project / "qc" / "panels" / f"{species_name}.json"),
+            ]
+        )
     main(
         [
             "splits",
@@ -375,4 +398,5 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
         "summaries": summaries,
         "embeddings": embeddings,
         "datasets": datasets,
+        "panels": panels,
     }

@@ -18,7 +18,13 @@ from safetensors.torch import load_file
 from cellfoundry.cli import apply_overrides
 from cellfoundry.config import section_defaults
 from cellfoundry.embeddings import read_csv
-from cellfoundry.train.data import BatchPlan, PlannedBatches, VocabularyLayout, open_split
+from cellfoundry.train.data import (
+    BatchPlan,
+    CellNoise,
+    PlannedBatches,
+    VocabularyLayout,
+    open_split,
+)
 from cellfoundry.train.export import gene_embedding_matrix, load_pretrained
 from cellfoundry.train.run import TrainInputs, build, train
 from cellfoundry.train.system import OptimizerConfig, lr_factor, parameter_groups
@@ -100,7 +106,7 @@ def test_binned_collate_masks_only_genes(tiny_corpus):
     data.setup()
     cells = np.arange(12)
     batch = data.train.collection.gather(cells)
-    out = data.collate(batch, data.train, np.random.default_rng(0))
+    out = data.collate(batch, data.train, CellNoise(0, 0, batch.cells))
     tokens, mask, padding = out["tokens"], out["loss_mask"], out["padding_mask"]
     assert tokens.shape[1] <= 64 and (tokens[:, 0] == layout.cls_id).all()
     assert not mask[:, 0].any() and not (mask & padding).any()
@@ -109,7 +115,7 @@ def test_binned_collate_masks_only_genes(tiny_corpus):
     assert (tokens[padding] == layout.pad_id).all()
     assert 0.05 < mask.sum() / (~padding).sum() < 0.3
     packed = build(settings(padding_free=True), inputs_of(tiny_corpus), seed=0)[1].collate(
-        batch, data.train, np.random.default_rng(0)
+        batch, data.train, CellNoise(0, 0, batch.cells)
     )
     assert torch.equal(packed["tokens"], tokens[~padding])
     assert torch.equal(packed["loss_mask"], mask[~padding])
@@ -155,9 +161,8 @@ def test_train_export_and_load_give_the_same_outputs(tiny_corpus, tmp_path):
     state = load_file(export / "model.safetensors")
     system.model.load_state_dict(state, strict=False)  # tied weights are stored once
     data.setup()
-    batch = data.collate(
-        data.val.collection.gather(np.arange(8)), data.val, np.random.default_rng(0)
-    )
+    gathered = data.val.collection.gather(np.arange(8))
+    batch = data.collate(gathered, data.val, CellNoise(0, 0, gathered.cells))
     system.model.eval()
     with torch.inference_mode():
         assert torch.equal(model.cell_embedding(batch), system.model.cell_embedding(batch))

@@ -287,6 +287,7 @@ def _train(args: argparse.Namespace) -> None:
         token_mappings=_by_species(args.token_mappings),
         summaries=_by_species(args.summaries),
         gene_embeddings=_by_species(args.gene_embeddings),
+        panels=_panels_by_species(args.panels),
     )
     train(
         settings,
@@ -302,6 +303,46 @@ def _train(args: argparse.Namespace) -> None:
 def _by_species(paths: Sequence[str]) -> dict[str, Path]:
     """Files named after their species (`hsapiens.csv`, `hsapiens.summary.parquet`)."""
     return {Path(p).name.split(".")[0]: Path(p) for p in paths}
+
+
+def _panels_by_species(paths: Sequence[str]) -> dict[str, dict[str, Path]]:
+    """Panel files `panels/<species>/<name>.csv`, by species and name."""
+    panels: dict[str, dict[str, Path]] = {}
+    for path in map(Path, paths):
+        panels.setdefault(path.parent.name, {})[path.stem] = path
+    return panels
+
+
+@command("embed-cells")
+def _embed_cells(args: argparse.Namespace) -> None:
+    from cellfoundry.inference import embed_h5ad
+
+    embed_h5ad(
+        args.model,
+        args.h5ad,
+        args.out or args.h5ad,
+        species=args.species or None,
+        key=args.key,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+
+
+@command("sample")
+def _sample(args: argparse.Namespace) -> None:
+    from cellfoundry.inference import sample_cells
+
+    generated = sample_cells(
+        args.model, args.species, args.n_cells, steps=args.steps, seed=args.seed, device=args.device
+    )
+    generated.write_h5ad(args.out)
+    log.info(
+        "generated %d %s cells over %d genes -> %s",
+        generated.n_obs,
+        args.species,
+        generated.n_vars,
+        args.out,
+    )
 
 
 def apply_overrides(settings: dict, overrides: Sequence[str]) -> dict:
@@ -425,12 +466,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="<species>.summary.parquet gene summaries (medians)",
     )
     p.add_argument("--gene-embeddings", nargs="*", default=[], help="<species>.csv gene embeddings")
+    p.add_argument(
+        "--panels",
+        nargs="*",
+        default=[],
+        help="panels/<species>/<name>.csv (contrastive, diffusion)",
+    )
     p.add_argument("--run-dir", required=True, help="model_checkpoints/<run>")
     p.add_argument(
         "--devices", type=int, default=1, help="devices per node (from the rule's resources)"
     )
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--accelerator", default="auto")
+
+    p = sub.add_parser(
+        "embed-cells", help="write a trained model's cell embeddings into an h5ad (obsm)"
+    )
+    p.add_argument(
+        "--model", required=True, help="exported model folder (model_checkpoints/<run>/final)"
+    )
+    p.add_argument("--h5ad", required=True, help="a preprocessed h5ad (raw counts, Ensembl IDs)")
+    p.add_argument("--out", default="", help="where to write (default: in place)")
+    p.add_argument(
+        "--species", default="", help="default: the file's uns['cellfoundry']['species']"
+    )
+    p.add_argument("--key", default="X_cellfoundry", help="obsm key")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("sample", help="generate cells with a diffusion model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--species", required=True)
+    p.add_argument("--n-cells", type=int, default=100)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
 
     p = sub.add_parser("shard-manifest", help="one manifest of all shards with their splits")
     p.add_argument("--splits", required=True)

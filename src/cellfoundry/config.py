@@ -78,8 +78,20 @@ def validate(instance: Any, schema: dict[str, Any], *, source: str) -> Any:
 def validate_config(
     config: dict[str, Any], schema: str | Path | None = None, *, source: str = "config"
 ) -> dict[str, Any]:
-    """The config with defaults filled in; raises ConfigError naming the key."""
-    return validate(config or {}, load_schema(schema or schema_path("config")), source=source)
+    """The config with defaults (and the training preset) filled in; errors name the key."""
+    config = dict(config or {})
+    if "train" in config:
+        config["train"] = _with_preset(config["train"], source)
+    return validate(config, load_schema(schema or schema_path("config")), source=source)
+
+
+def _with_preset(train: dict[str, Any], source: str) -> dict[str, Any]:
+    from cellfoundry.train.presets import apply_preset
+
+    try:
+        return apply_preset(train)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from error
 
 
 def section_defaults(
@@ -88,6 +100,7 @@ def section_defaults(
     """One top-level section of the config (e.g. `train`), validated, with its defaults."""
     schema = load_schema(schema_path("config"))
     sub = {**schema["properties"][section], "$defs": schema.get("$defs", {})}
+    values = _with_preset(values or {}, source) if section == "train" else values
     return validate(values or {}, sub, source=f"{source} ({section})")
 
 

@@ -142,6 +142,14 @@ class ShardCollection:
         """Shard index of each global cell id."""
         return (np.searchsorted(self.cell_offsets, cells, side="right") - 1).astype(np.int32)
 
+    def cell_lengths(self) -> np.ndarray:
+        """Expressed genes per cell (before vocabulary filtering), in global order."""
+        return (
+            np.concatenate([np.diff(np.asarray(s.indptr)) for s in self.shards])
+            if self.shards
+            else np.zeros(0, int)
+        )
+
     def shard_ranges(self) -> list[tuple[int, int]]:
         """[start, stop) of each shard's cells in the global index."""
         return [

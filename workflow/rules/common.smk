@@ -170,6 +170,19 @@ def training_gene_embeddings():
     )
 
 
+def training_panels():
+    """Panels the objective reads: all of each species' (contrastive) or the named ones."""
+    if config["train"]["objective"] not in ("contrastive", "diffusion"):
+        return []
+    names = config["train"]["panels"]
+    return [
+        out(f"panels/{species}/{name}.csv")
+        for species in SPECIES
+        for name in panel_names(species)
+        if names is None or name in names
+    ]
+
+
 def model_outputs():
     if not config["train"]["enabled"]:
         return []

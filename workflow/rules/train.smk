@@ -9,6 +9,7 @@ rule train:
             out("stats/species/{species}.summary.parquet"), species=SPECIES
         ),
         gene_embeddings=training_gene_embeddings(),
+        panels=training_panels(),
     output:
         model=out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors"),
         config=out(f"model_checkpoints/{TRAIN_RUN}/final/config.json"),
@@ -33,5 +34,6 @@ rule train:
         "{resources.launcher} -m cellfoundry train --settings {params.settings:q} --seed {params.seed} "
         "--manifest {input.manifest:q} --token-mappings {input.token_mappings:q} "
         "--summaries {input.summaries:q} --gene-embeddings {input.gene_embeddings:q} "
+        "--panels {input.panels:q} "
         "--run-dir {params.run_dir:q} --devices {resources.devices} --num-nodes {resources.num_nodes} "
         "> {log:q} 2>&1"

@@ -124,8 +124,19 @@ class CellModel(nn.Module):
         return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1)
 
     def cell_embedding(self, batch: dict[str, Tensor]) -> Tensor:
-        """Cell embeddings [B, D'] for downstream use (the projection for contrastive models)."""
-        hidden = self.encode(batch)
+        """Cell embeddings [B, D'] for downstream use (the projection for contrastive models).
+
+        A diffusion model sees its clean input at noise level 0.
+        """
+        condition = None
+        if self.time_embedding is not None:
+            n = (
+                batch["cu_seqlens"].shape[0] - 1
+                if "cu_seqlens" in batch
+                else batch["tokens"].shape[0]
+            )
+            condition = self.time_embedding(torch.zeros(n, device=batch["tokens"].device))
+        hidden = self.encode(batch, condition=condition)
         if self.projection is not None:
             if "cu_seqlens" in batch:
                 return self.projection.forward_varlen(hidden, batch["cu_seqlens"])

@@ -111,15 +111,27 @@ class BatchPlan:
     """Global batches of cell ids, epoch after epoch, from seeded permutations.
 
     With `within_dataset`, every batch holds cells of one dataset (scConcept's batches hold one
-    dataset, hence one species); otherwise batches mix the whole split.
+    dataset, hence one species); otherwise batches mix the whole split. With `length_grouped`,
+    cells of similar length share a batch: each run of `LENGTH_WINDOW` shuffled batches is
+    sorted by cell length before it is cut into batches, and the batches are shuffled again,
+    so padding shrinks while every epoch still visits every cell once in random batches.
     """
 
+    LENGTH_WINDOW = 64
+
     def __init__(
-        self, data: SplitData, global_batch: int, *, seed: int, within_dataset: bool = False
+        self,
+        data: SplitData,
+        global_batch: int,
+        *,
+        seed: int,
+        within_dataset: bool = False,
+        length_grouped: bool = False,
     ) -> None:
         self.global_batch = global_batch
         self.seed = seed
         self.within_dataset = within_dataset
+        self.lengths = data.collection.cell_lengths() if length_grouped else None
         ranges = data.collection.shard_ranges()
         groups: dict[int, list[np.ndarray]] = {}
         for (start, stop), dataset in zip(ranges, data.datasets, strict=True):
@@ -142,6 +154,14 @@ class BatchPlan:
             for group in self.groups:
                 order = rng.permutation(group)
                 n = len(order) // self.global_batch
+                if self.lengths is not None:
+                    window = self.global_batch * self.LENGTH_WINDOW
+                    order = np.concatenate(
+                        [
+                            chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                            for chunk in np.split(order, range(window, len(order), window))
+                        ]
+                    )
                 batches += [
                     order[i * self.global_batch : (i + 1) * self.global_batch] for i in range(n)
                 ]
@@ -189,17 +209,72 @@ class PlannedBatches(Sampler):
         return self.limit - self.start
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixed 64-bit hash (arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hashed_uniform(seed: int, *keys: np.ndarray | int) -> np.ndarray:
+    """Uniforms in [0, 1) that are a pure function of (seed, keys), elementwise (broadcast)."""
+    x = np.full(np.broadcast(*[np.asarray(k) for k in keys]).shape, seed, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for key in keys:
+            x = _mix(x ^ (np.asarray(key).astype(np.uint64) + _GOLDEN))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+class CellNoise:
+    """Randomness of one batch as a function of (seed, batch number, cell, position).
+
+    A cell's draws do not depend on which rank holds it or on the other cells of its batch,
+    so a run on N ranks tokenizes and masks every cell exactly as a run on one rank does, and
+    a resumed run exactly as an uninterrupted one. Each call of `entries` or `cells` is a new
+    stream.
+    """
+
+    def __init__(self, seed: int, k: int, cells: np.ndarray) -> None:
+        self.seed, self.k, self.cells = seed, k, np.asarray(cells, dtype=np.int64)
+        self.stream = 0
+        self._layout: tuple[np.ndarray, np.ndarray] | None = None
+
+    def for_rows(self, lengths: np.ndarray) -> CellNoise:
+        """Describe the packed layout (entries per cell) that `entries` draws for."""
+        lengths = np.asarray(lengths)
+        cell = np.repeat(self.cells, lengths)
+        position = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        self._layout = (cell, position)
+        return self
+
+    def entries(self, like: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """One uniform per packed entry (see `for_rows`)."""
+        if self._layout is None:
+            raise RuntimeError("call for_rows(lengths) before drawing per entry")
+        self.stream += 1
+        cell, position = self._layout
+        return torch.from_numpy(hashed_uniform(self.seed, self.k, self.stream, cell, position))
+
+    def cells_uniform(self, like: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """One uniform per cell of the batch."""
+        self.stream += 1
+        return torch.from_numpy(hashed_uniform(self.seed, self.k, self.stream, self.cells, 0))
+
+
 class CollatedBatches(Dataset):
     """Map (k, cells) to a tokenized batch: gather from the shards, then the objective's collate."""
 
-    def __init__(self, data: SplitData, collate: Any, *, seed: int, rank: int) -> None:
-        self.data, self.collate, self.seed, self.rank = data, collate, seed, rank
+    def __init__(self, data: SplitData, collate: Any, *, seed: int) -> None:
+        self.data, self.collate, self.seed = data, collate, seed
 
     def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
         k, cells = item
         batch: SparseBatch = self.data.collection.gather(cells)
-        rng = np.random.default_rng(derive_seed(self.seed, "collate", k, self.rank))
-        return self.collate(batch, self.data, rng)
+        return self.collate(batch, self.data, CellNoise(self.seed, k, batch.cells))
 
     def __len__(self) -> int:  # required by Dataset's protocol; batches are addressed by plan
         return self.data.n_cells
@@ -222,6 +297,8 @@ class ShardDataModule(L.LightningDataModule):
         Seed of the batch plans and of the collate's randomness.
     within_dataset
         Batches hold one dataset each (contrastive training).
+    length_grouped
+        Batch cells of similar length together (less padding).
     val_batches
         Validation batches per evaluation (a fixed set, the same at every evaluation).
     num_workers
@@ -239,6 +316,7 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: int,
         seed: int,
         within_dataset: bool = False,
+        length_grouped: bool = False,
         val_batches: int = 20,
         num_workers: int = 0,
         medians: Mapping[str, pl.DataFrame] | None = None,
@@ -246,6 +324,7 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.manifest, self.mappings, self.collate = Path(manifest), dict(mappings), collate
         self.batch_size, self.seed, self.within_dataset = batch_size, seed, within_dataset
+        self.length_grouped = length_grouped
         self.val_batches, self.num_workers, self.medians = val_batches, num_workers, medians
         self.layout = VocabularyLayout.from_mappings(self.mappings)
         self.train: SplitData | None = None
@@ -269,14 +348,18 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
         plan = BatchPlan(
-            self.train, self.batch_size * world, seed=self.seed, within_dataset=self.within_dataset
+            self.train,
+            self.batch_size * world,
+            seed=self.seed,
+            within_dataset=self.within_dataset,
+            length_grouped=self.length_grouped,
         )
         # Resume where the checkpoint left off: batches consumed = optimizer steps x accumulation.
         start = 0
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
         sampler = PlannedBatches(plan, rank=rank, world_size=world, start=start)
-        return self._loader(self.train, sampler, seed=self.seed, rank=rank)
+        return self._loader(self.train, sampler, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val is None:
@@ -291,16 +374,25 @@ class ShardDataModule(L.LightningDataModule):
         sampler = PlannedBatches(
             plan, rank=rank, world_size=world, limit=min(self.val_batches, plan.batches_per_epoch)
         )
-        return self._loader(self.val, sampler, seed=derive_seed(self.seed, "val"), rank=rank)
+        return self._loader(self.val, sampler, seed=derive_seed(self.seed, "val"))
 
-    def _loader(self, data: SplitData, sampler: Sampler, *, seed: int, rank: int) -> DataLoader:
+    def _loader(self, data: SplitData, sampler: Sampler, *, seed: int) -> DataLoader:
         return DataLoader(
-            CollatedBatches(data, self.collate, seed=seed, rank=rank),
+            CollatedBatches(data, self.collate, seed=seed),
             sampler=sampler,
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+
+def n_cells(batch: Mapping[str, Any]) -> int:
+    """Cells in a model batch (either layout; contrastive batches hold two views of them)."""
+    if "a" in batch:
+        batch = batch["a"]
+    if "cu_seqlens" in batch:
+        return int(batch["cu_seqlens"].shape[0] - 1)
+    return int(batch["tokens"].shape[0])
 
 
 def pack(lengths: np.ndarray) -> np.ndarray:
@@ -345,23 +437,19 @@ def as_model_batch(
     return to_padded(flat, cu_seqlens, pad=pad)
 
 
-def select_entries(
-    offsets: np.ndarray, max_per_row: int, rng: np.random.Generator | None
-) -> np.ndarray:
-    """Indices of at most `max_per_row` entries of each CSR row: a random subset (rng) or the first.
+def select_entries(offsets: np.ndarray, max_per_row: int, keys: np.ndarray | None) -> np.ndarray:
+    """Indices of at most `max_per_row` entries of each CSR row: those with the smallest random
+    `keys` (one per entry), or the first ones when `keys` is None.
 
     Returns entry indices grouped by row, in row order, ascending within a row.
     """
     lengths = np.diff(offsets)
     rows = np.repeat(np.arange(len(lengths)), lengths)
-    if rng is None:
-        rank = np.arange(len(rows)) - np.repeat(offsets[:-1], lengths)
-        return np.flatnonzero(rank < max_per_row)
-    keys = rng.random(len(rows))
-    order = np.lexsort((keys, rows))
     rank = np.arange(len(rows)) - np.repeat(offsets[:-1], lengths)
-    chosen = order[rank < max_per_row]
-    return np.sort(chosen)
+    if keys is None:
+        return np.flatnonzero(rank < max_per_row)
+    order = np.lexsort((keys, rows))
+    return np.sort(order[rank < max_per_row])
 
 
 def global_tokens(batch: SparseBatch, data: SplitData) -> np.ndarray:

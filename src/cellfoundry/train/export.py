@@ -2,22 +2,25 @@
 
 Layout of `<project>/model_checkpoints/<run>/final/`::
 
-    model.safetensors             CellModel state dict (tied weights stored once)
-    config.json                   architecture, objective, vocabulary layout, training settings
-    token_mappings/<species>.csv  the token mappings used (scConcept format)
+    model.safetensors                  CellModel state dict (tied weights stored once)
+    config.json                        architecture, objective, vocabulary layout, settings
+    token_mappings/<species>.csv       the token mappings used (scConcept format)
+    gene_summaries/<species>.parquet   per-gene statistics (Geneformer medians for rank order)
+    panels/<species>/<panel>.csv       panels the objective used (contrastive, diffusion)
 
 `load_pretrained(folder)` rebuilds the model; its outputs equal the trained model's.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from cellfoundry import __version__
 from cellfoundry.io import read_json, write_json
@@ -36,19 +39,39 @@ def export_model(
     out_dir: str | Path,
     *,
     metadata: dict[str, Any],
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
-    """Write the model folder (see module docstring) and return it."""
+    """Write the model folder (see module docstring) and return it.
+
+    A BERT-shaped Geneformer model is written in the Hugging Face layout (`config.json` is a
+    `BertConfig` with our keys added, weights under `BertForMaskedLM` names), so that
+    `transformers.BertForMaskedLM.from_pretrained(folder)` loads it; `load_pretrained` reads
+    both layouts. `extra_files` are copied in under their relative names (gene summaries for
+    rank order, the panels the objective used).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").float().eval()
-    save_model(model, str(out_dir / "model.safetensors"))
+    hf_config: dict[str, Any] = {}
+    if is_hf_bert(model):
+        from cellfoundry.models.hf import save_hf_pretrained
+
+        save_hf_pretrained(model.encoder, model.mlm_head, out_dir)
+        hf_config = read_json(out_dir / "config.json")
+    else:
+        save_model(model, str(out_dir / "model.safetensors"))
+    os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors writes owner-only files
     folder = out_dir / "token_mappings"
     folder.mkdir(exist_ok=True)
     for species, path in sorted(token_mapping_paths.items()):
         shutil.copyfile(path, folder / f"{species}.csv")
+    for relative, path in sorted((extra_files or {}).items()):
+        (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out_dir / relative)
     write_json(
         out_dir / "config.json",
         {
+            **hf_config,
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "cellfoundry": __version__,
@@ -73,10 +96,21 @@ def load_pretrained(
         )
     # Frozen gene embeddings, if any, are a buffer of the state dict: load_model fills them.
     model = CellModel(ModelConfig.from_dict(config["model"]))
-    load_model(model, str(folder / "model.safetensors"), device=str(device))
+    if config.get("model_type") == "bert":
+        from cellfoundry.models.hf import load_bert_state_dict
+
+        load_bert_state_dict(model.encoder, model.mlm_head, load_file(folder / "model.safetensors"))
+        model.to(device)
+    else:
+        load_model(model, str(folder / "model.safetensors"), device=str(device))
     mappings = load_token_mappings(folder, config)
     layout = VocabularyLayout.from_mappings(mappings)
     return model.eval(), layout, config
+
+
+def is_hf_bert(model: CellModel) -> bool:
+    """Whether the model is exactly a Hugging Face `BertForMaskedLM` (Geneformer family)."""
+    return model.mlm_head is not None and model.config.encoder.is_bert_compatible
 
 
 def load_token_mappings(folder: str | Path, config: dict[str, Any]) -> dict[str, TokenMapping]:

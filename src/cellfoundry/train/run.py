@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from cellfoundry.io import read_json, sha256, write_json
 from cellfoundry.models.encoder import EncoderConfig
 from cellfoundry.models.model import ModelConfig
 from cellfoundry.seeds import derive_seed
-from cellfoundry.train.data import ShardDataModule, VocabularyLayout, read_medians
+from cellfoundry.train.data import ShardDataModule, VocabularyLayout, n_cells, read_medians
 from cellfoundry.train.export import export_model, gene_embedding_matrix
 from cellfoundry.train.objectives import make_objective
 from cellfoundry.train.system import OptimizerConfig, PretrainingSystem
@@ -46,6 +46,7 @@ class TrainInputs:
     token_mappings: dict[str, Path]
     summaries: dict[str, Path]
     gene_embeddings: dict[str, Path]
+    panels: dict[str, dict[str, Path]] = field(default_factory=dict)
 
 
 def precision_for(setting: str) -> str:
@@ -61,10 +62,14 @@ def fingerprint(settings: dict[str, Any], inputs: TrainInputs, seed: int) -> str
     digest = hashlib.sha256(
         json.dumps({"settings": settings, "seed": seed}, sort_keys=True).encode()
     )
+    panels = [
+        p for species in sorted(inputs.panels) for p in sorted(inputs.panels[species].values())
+    ]
     for path in [
         inputs.manifest,
         *sorted(inputs.token_mappings.values()),
         *sorted(inputs.gene_embeddings.values()),
+        *panels,
     ]:
         digest.update(sha256(path).encode())
     return digest.hexdigest()[:16]
@@ -96,7 +101,7 @@ class Throughput(Callback):
         if self._start is None:
             self._start, self._cells = now, 0  # the first batch pays compilation and warm-up
             return
-        self._cells += _cells(batch) * trainer.world_size
+        self._cells += n_cells(batch) * trainer.world_size
         if trainer.global_step % self.every == 0 and now > self._start:
             rate = self._cells / (now - self._start)
             module.log("train/cells_per_s", rate, rank_zero_only=True)
@@ -109,11 +114,49 @@ class Throughput(Callback):
                 )
 
 
-def _cells(batch: dict[str, torch.Tensor]) -> int:
-    return (
-        int(batch["cu_seqlens"].shape[0] - 1)
-        if "cu_seqlens" in batch
-        else int(batch["tokens"].shape[0])
+def panel_tokens(
+    panels: dict[str, dict[str, Path]],
+    layout: VocabularyLayout,
+    mappings: dict[str, Any],
+    names: list[str] | None,
+) -> dict[str, list[np.ndarray]]:
+    """Per species, the named panels (all when None) as arrays of model token ids; genes
+    outside the vocabulary are dropped."""
+    out: dict[str, list[np.ndarray]] = {}
+    for species, files in panels.items():
+        arrays = []
+        for name in names or sorted(files):
+            if name in files:
+                local = mappings[species].tokens(pl.read_csv(files[name])["Ensembl_ID"].to_list())
+                arrays.append(np.sort(layout.local_to_global[species][local[local >= 0]]))
+        out[species] = arrays
+    return out
+
+
+def make_training_objective(
+    settings: dict[str, Any],
+    n_bins: int,
+    panels: dict[str, dict[str, Path]],
+    layout: VocabularyLayout,
+    mappings: dict[str, Any],
+) -> Any:
+    """The objective of the `train` settings (contrastive: all panels by default; diffusion: hvg)."""
+    name = settings["objective"]
+    default = None if name == "contrastive" else ["hvg"]
+    chosen = (
+        panel_tokens(panels, layout, mappings, settings["panels"] or default)
+        if name in ("contrastive", "diffusion")
+        else {}
+    )
+    return make_objective(
+        name,
+        max_len=settings["model"]["max_len"],
+        n_bins=n_bins,
+        mask_ratio=settings["mask_ratio"],
+        gene_selection=settings["gene_selection"],
+        padding_free=settings["padding_free"],
+        panels=chosen,
+        panel_max_drop_rate=settings["panel_max_drop_rate"],
     )
 
 
@@ -126,14 +169,7 @@ def build(
     first_shard = Path(pl.read_parquet(inputs.manifest)["shard"][0])
     n_bins = int(read_json(first_shard / "shard.json")["n_bins"])
     model = settings["model"]
-    objective = make_objective(
-        settings["objective"],
-        max_len=model["max_len"],
-        n_bins=n_bins,
-        mask_ratio=settings["mask_ratio"],
-        gene_selection=settings["gene_selection"],
-        padding_free=settings["padding_free"],
-    )
+    objective = make_training_objective(settings, n_bins, inputs.panels, layout, mappings)
     gene_embeddings = None
     if inputs.gene_embeddings:
         matrix, found = gene_embedding_matrix(layout, mappings, inputs.gene_embeddings)
@@ -160,7 +196,9 @@ def build(
         gradient_checkpointing=model["gradient_checkpointing"],
         **objective.model_options(),
     )
-    model_config = ModelConfig(objective=settings["objective"], encoder=encoder, n_bins=n_bins)
+    model_config = ModelConfig(
+        objective=settings["objective"], encoder=encoder, n_bins=n_bins, pooling=settings["pooling"]
+    )
     optimizer = OptimizerConfig(
         **{**settings["optimizer"], "betas": tuple(settings["optimizer"]["betas"])},
         max_steps=settings["max_steps"],
@@ -173,11 +211,27 @@ def build(
         batch_size=settings["batch_size"],
         seed=derive_seed(seed, "train"),
         within_dataset=objective.within_dataset,
+        length_grouped=settings["length_grouped"],
         val_batches=settings["val_batches"],
         num_workers=settings["num_workers"],
         medians=read_medians(list(inputs.summaries.values())) if inputs.summaries else None,
     )
     return system, data, layout
+
+
+def strategy_for(setting: str, world: int) -> Any:
+    """DDP across devices and nodes, or FSDP sharding transformer layers for large models."""
+    if setting == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from cellfoundry.models.encoder import TransformerLayer
+
+        return FSDPStrategy(
+            auto_wrap_policy={TransformerLayer}, activation_checkpointing_policy=None
+        )
+    if setting == "ddp" or world > 1:
+        return "ddp"
+    return "auto"
 
 
 def train(
@@ -255,7 +309,7 @@ def train(
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
-        strategy="ddp" if world > 1 else "auto",
+        strategy=strategy_for(settings["strategy"], world),
         precision=precision_for(settings["precision"]),
         max_steps=settings["max_steps"],
         gradient_clip_val=settings["gradient_clip_val"] or None,
@@ -277,6 +331,16 @@ def train(
     )
     if trainer.is_global_zero:
         write_json(marker, {"fingerprint": identity})
+    log.info(
+        "rank %d of world size %d (%d node(s) x %d device(s)), %s, precision %s, %s parameters",
+        trainer.global_rank,
+        trainer.world_size,
+        num_nodes,
+        devices,
+        type(trainer.accelerator).__name__,
+        trainer.precision,
+        f"{sum(p.numel() for p in system.parameters()):,}",
+    )
     if resume is None:
         # A validation at step 0 gives the baseline that training must beat.
         trainer.validate(system, datamodule=data, verbose=False)
@@ -288,11 +352,18 @@ def train(
         trainer.save_checkpoint(final)
     export_dir = run_dir / "final"
     if trainer.is_global_zero:
+        extra = {f"gene_summaries/{s}.parquet": p for s, p in inputs.summaries.items()}
+        extra |= {
+            f"panels/{s}/{n}.csv": p
+            for s, panels in inputs.panels.items()
+            for n, p in panels.items()
+        }
         export_model(
             system.model,
             layout,
             inputs.token_mappings,
             export_dir,
+            extra_files=extra,
             metadata={
                 "objective": settings["objective"],
                 "train": settings,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from cellfoundry.models.model import CellModel, ModelConfig
+from cellfoundry.train.data import n_cells
 
 
 @dataclass(frozen=True)
@@ -95,20 +96,36 @@ class PretrainingSystem(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.objective.loss(self.model, batch)
-        cells = _n_cells(batch)
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=cells)
-        for name, value in out.items():
-            if name != "loss":
-                self.log(f"train/{name}", value, batch_size=cells)
-        return out["loss"]
+        cells = n_cells(batch)
+        self._log_metrics("train", out, cells)
+        return self._distributed_loss(out)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self.objective.loss(self.model, batch)
-        cells = _n_cells(batch)
+        self._log_metrics("val", self.objective.loss(self.model, batch), n_cells(batch))
+
+    def _distributed_loss(self, out: dict[str, Tensor]) -> Tensor:
+        """The loss whose DDP-averaged gradient is that of one process on the global batch.
+
+        A masked loss is a mean over this rank's masked positions, and DDP averages gradients
+        over ranks; weighting each rank by its share of all masked positions (an all-gather of
+        one count per step) turns that into the mean over the global batch's positions.
+        """
+        if "count" not in out or self.trainer.world_size == 1:
+            return out["loss"]
+        count = out["count"].float()
+        total = self.all_gather(count.detach()).sum().clamp_min(1.0)
+        return out["loss"] * count * self.trainer.world_size / total
+
+    def _log_metrics(self, stage: str, out: dict[str, Tensor], cells: int) -> None:
         for name, value in out.items():
-            self.log(
-                f"val/{name}", value, prog_bar=name == "loss", batch_size=cells, sync_dist=True
-            )
+            if name != "count":
+                self.log(
+                    f"{stage}/{name}",
+                    value,
+                    prog_bar=name == "loss",
+                    batch_size=cells,
+                    sync_dist=stage == "val",
+                )
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
@@ -125,9 +142,3 @@ class PretrainingSystem(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-
-def _n_cells(batch: dict[str, Tensor]) -> int:
-    if "cu_seqlens" in batch:
-        return int(batch["cu_seqlens"].shape[0] - 1)
-    return int(batch["tokens"].shape[0])

@@ -1,0 +1,204 @@
+"""The model families: each objective trains, exports, embeds cells; Geneformer loads in
+Hugging Face; SEDD samples cells; two real DDP processes match one process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cellfoundry.config import ConfigError, validate_config
+from cellfoundry.inference import embed_h5ad, sample_cells
+from cellfoundry.train.data import BatchPlan, CellNoise, VocabularyLayout, open_split
+from cellfoundry.train.presets import PRESETS
+from cellfoundry.train.run import TrainInputs, build, train
+from test_train import TINY, inputs_of, mappings_of, settings
+
+
+def family_inputs(corpus) -> TrainInputs:
+    panels = {s: {"hvg": p} for s, p in corpus["panels"].items()}
+    return TrainInputs(
+        corpus["manifest"], corpus["token_mappings"], corpus["summaries"], {}, panels
+    )
+
+
+@pytest.mark.parametrize("objective", ["binned_mlm", "geneformer_mlm", "contrastive", "diffusion"])
+def test_each_objective_trains_exports_and_embeds(tiny_corpus, tmp_path, objective):
+    # Contrastive learning starts slowly (all cells look alike to a fresh encoder) and wants a
+    # smaller learning rate: more steps.
+    steps, lr = (60, 0.001) if objective == "contrastive" else (25, 0.003)
+    values = settings(objective=objective, max_steps=steps, batch_size=16, **{"optimizer.lr": lr})
+    export = train(values, family_inputs(tiny_corpus), tmp_path / objective, seed=0)
+    metrics = pl.read_csv(tmp_path / objective / "logs" / "metrics.csv")
+    val = metrics.filter(pl.col("val/loss").is_not_null()).sort("step")["val/loss"].to_list()
+    assert val[-1] < val[0], val  # every objective learns something
+
+    h5ad = next((tiny_corpus["project"] / "data" / "demo_pbmc_ids" / "h5ads").glob("*.h5ad"))
+    out = embed_h5ad(export, h5ad, tmp_path / "embedded.h5ad", batch_size=16)
+    embedded = ad.read_h5ad(out)
+    z = embedded.obsm["X_cellfoundry"]
+    assert z.shape[0] == embedded.n_obs and np.isfinite(z).all()
+    assert np.unique(z.round(5), axis=0).shape[0] > embedded.n_obs // 2  # cells differ
+    again = embed_h5ad(export, h5ad, tmp_path / "again.h5ad", batch_size=7)
+    np.testing.assert_allclose(ad.read_h5ad(again).obsm["X_cellfoundry"], z, rtol=1e-4, atol=1e-5)
+
+
+def test_geneformer_export_loads_in_hugging_face(tiny_corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    values = settings(objective="geneformer_mlm", max_steps=5, **{"model.norm_first": False})
+    export = train(values, family_inputs(tiny_corpus), tmp_path / "gf", seed=0)
+    hf = transformers.BertForMaskedLM.from_pretrained(export).eval()
+    from cellfoundry.train.export import load_pretrained
+
+    ours, layout, _ = load_pretrained(export)
+    tokens = torch.randint(3, layout.n_tokens, (3, 20), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = layout.cls_id
+    tokens[2, 12:] = layout.pad_id
+    padding = tokens == layout.pad_id
+    with torch.inference_mode():
+        theirs = hf(input_ids=tokens, attention_mask=(~padding).long()).logits
+        mine = ours.mlm_head(ours.encode({"tokens": tokens, "padding_mask": padding}))
+    torch.testing.assert_close(mine[~padding], theirs[~padding], rtol=1e-4, atol=1e-4)
+
+
+def test_diffusion_model_generates_cells(tiny_corpus, tmp_path):
+    values = settings(objective="diffusion", max_steps=20, **{"model.max_len": 48})
+    export = train(values, family_inputs(tiny_corpus), tmp_path / "sedd", seed=0)
+    cells = sample_cells(export, "hsapiens", 6, steps=12, seed=1)
+    assert cells.shape == (6, 48)
+    assert cells.X.min() >= 0 and cells.X.max() <= 50  # no MASK state left
+    assert set(cells.var_names) <= set(pl.read_csv(tiny_corpus["panels"]["hsapiens"])["Ensembl_ID"])
+    same = sample_cells(export, "hsapiens", 6, steps=12, seed=1)
+    assert np.array_equal(cells.X, same.X)
+    with pytest.raises(ValueError, match="needs a diffusion model"):
+        sample_cells(
+            train(settings(max_steps=2), inputs_of(tiny_corpus), tmp_path / "mlm", seed=0),
+            "hsapiens",
+            2,
+        )
+
+
+def test_contrastive_views_split_each_cell(tiny_corpus):
+    values = settings(objective="contrastive")
+    _, data, layout = build(values, family_inputs(tiny_corpus), seed=0)
+    data.setup()
+    plan = BatchPlan(data.train, 8, seed=0, within_dataset=True)
+    batch = data.train.collection.gather(plan.batch(0))
+    views = data.collate(batch, data.train, CellNoise(0, 0, batch.cells))
+    for row in range(8):
+        a = views["a"]["tokens"][row][~views["a"]["padding_mask"][row]]
+        b = views["b"]["tokens"][row][~views["b"]["padding_mask"][row]]
+        assert a[0] == layout.cls_id and b[0] == layout.cls_id
+        assert set(a[1:].tolist()).isdisjoint(b[1:].tolist())  # the two views share no gene
+    species = data.train.species[batch.shard]
+    assert len(set(species)) == 1  # one dataset (so one species) per batch
+
+
+def test_length_grouping_reduces_padding(tiny_corpus):
+    mappings = mappings_of(tiny_corpus)
+    data = open_split(
+        tiny_corpus["manifest"], "train", mappings, VocabularyLayout.from_mappings(mappings)
+    )
+    lengths = data.collection.cell_lengths()
+
+    def padding(plan: BatchPlan) -> int:
+        batches = [lengths[plan.batch(k)] for k in range(plan.batches_per_epoch)]
+        return int(sum((b.max() - b).sum() for b in batches))
+
+    grouped = BatchPlan(data, 8, seed=0, length_grouped=True)
+    plain = BatchPlan(data, 8, seed=0)
+    assert padding(grouped) < 0.5 * padding(plain)
+    cells = np.concatenate([grouped.batch(k) for k in range(grouped.batches_per_epoch)])
+    assert len(np.unique(cells)) == len(cells)
+
+
+def test_presets_fill_under_user_values():
+    config = validate_config({"train": {"preset": "geneformer_106m", "model": {"max_len": 512}}})
+    model = config["train"]["model"]
+    assert (model["d_model"], model["n_layers"], model["n_heads"], model["max_len"]) == (
+        768,
+        12,
+        12,
+        512,
+    )
+    assert config["train"]["objective"] == "geneformer_mlm"
+    small = validate_config({"train": {"preset": "geneformer_10m"}})["train"]["model"]
+    assert (small["d_model"], small["n_layers"], small["n_heads"], small["max_len"]) == (
+        256,
+        6,
+        4,
+        2048,
+    )
+    assert set(PRESETS) == {"geneformer_10m", "geneformer_106m", "scgpt", "scconcept", "sedd"}
+    with pytest.raises(ConfigError, match="unknown preset 'bert'"):
+        validate_config({"train": {"preset": "bert"}})
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_match_one_process(tiny_corpus, tmp_path):
+    """Two real DDP ranks (gloo, CPU) with 4 cells each train like one process with 8."""
+    base = settings(max_steps=6, val_every_n_steps=100, **{"optimizer.warmup_steps": 1})
+    command = [
+        sys.executable,
+        "-m",
+        "cellfoundry",
+        "train",
+        "--seed",
+        "3",
+        "--accelerator",
+        "cpu",
+        "--manifest",
+        str(tiny_corpus["manifest"]),
+        "--token-mappings",
+        *map(str, tiny_corpus["token_mappings"].values()),
+        "--summaries",
+        *map(str, tiny_corpus["summaries"].values()),
+    ]
+    single = subprocess.run(
+        [
+            *command,
+            "--settings",
+            json.dumps(base),
+            "--devices",
+            "1",
+            "--run-dir",
+            str(tmp_path / "one"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run(
+        [
+            *command,
+            "--settings",
+            json.dumps({**base, "batch_size": TINY["batch_size"] // 2}),
+            "--devices",
+            "2",
+            "--run-dir",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "rank 1 of world size 2" in double.stderr and "rank 0 of world size 2" in double.stderr
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    # Same global batch, same masks (hashed per cell), loss weighted by the global number of
+    # masked positions: only the order of floating-point reductions differs.
+    changed = 0
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
+        changed += int(not torch.equal(one[name], two[name]))
+    assert changed > 0  # the comparison is not vacuous

@@ -8,6 +8,9 @@ min_version("9.27")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/reference.smk"
@@ -18,6 +21,8 @@ include: "workflow/rules/splits.smk"
 include: "workflow/rules/shards.smk"
 include: "workflow/rules/embeddings.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/lamin.smk"
 
 
 rule all:
@@ -26,6 +31,7 @@ rule all:
         prep_outputs(),
         embedding_outputs(),
         model_outputs(),
+        lamin_outputs(),
 
 
 rule prep:

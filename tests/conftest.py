@@ -129,13 +129,18 @@ class Project:
         body = {
             "project_path": str(self.results),
             "datasets": str(sheet),
-            "demo": {"path": str(self.root / "demo")},
             **config,
+            "demo": {"path": str(self.root / "demo"), **config.get("demo", {})},
         }
         config_path.write_text(yaml.safe_dump(body, sort_keys=False))
         if not name:
             self.datasets, self.config = datasets, config
         return config_path
+
+    def command(self, *args: str, profile: str = "profiles/local", config: Path | None = None) -> list[str]:
+        """The Snakemake command line for this project (run from the repository)."""
+        config_file = str(config or self.config_path)
+        return [sys.executable, "-m", "snakemake", "--profile", profile, "--configfile", config_file, "--cores", "2", *args]
 
     def snakemake(
         self,
@@ -143,20 +148,9 @@ class Project:
         profile: str = "profiles/local",
         config: Path | None = None,
         timeout: int = 1800,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--profile",
-            profile,
-            "--configfile",
-            str(config or self.config_path),
-            "--cores",
-            "2",
-            *args,
-        ]
-        return run(cmd, cwd=REPO, timeout=timeout)
+        return run(self.command(*args, profile=profile, config=config), cwd=REPO, env=env, timeout=timeout)
 
     def planned_jobs(self, *args: str, config: Path | None = None) -> dict[str, int]:
         """Jobs a dry run would execute, by rule (the 'Job stats' table)."""
@@ -203,6 +197,22 @@ def project_factory(tmp_path: Path) -> Callable[..., Project]:
         return Project(root, datasets, config)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node Slurm (Debian's packages) with the partitions `profiles/slurm` names
+    (cpu, gpu) and two fake GPUs; skips when Slurm or root is missing."""
+    from slurm_cluster import SlurmCluster, available
+
+    if not available():
+        pytest.skip("needs root and Slurm (bash .ci/install_slurm.sh)")
+    # More CPUs and memory than the machine has: the profile's requests must be schedulable.
+    cluster = SlurmCluster(
+        tmp_path_factory.mktemp("slurm"), cpus=32, gpus=2, memory_mb=256_000, partitions=("cpu", "gpu")
+    )
+    with cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

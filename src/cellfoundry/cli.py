@@ -51,7 +51,7 @@ def _reference(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from cellfoundry.demo import write_demo_corpus
 
-    paths = write_demo_corpus(Path(args.out), seed=args.seed)
+    paths = write_demo_corpus(Path(args.out), seed=args.seed, n_cells=args.n_cells)
     log.info("wrote %d simulated demo datasets to %s", len(paths), args.out)
 
 
@@ -71,8 +71,9 @@ def _preprocess(args: argparse.Namespace) -> None:
     )
     source = args.input
     if source.startswith("lamin://"):
-        from cellfoundry.lamin import resolve_source
+        from cellfoundry.lamin import connect, resolve_source
 
+        connect(args.lamin_instance or None, settings_dir=args.lamin_settings_dir or None)
         source = _materialised_folder(args.dataset, resolve_source(source))
     preprocess_dataset(
         args.dataset,
@@ -345,6 +346,89 @@ def _sample(args: argparse.Namespace) -> None:
     )
 
 
+@command("report-corpus")
+def _report_corpus(args: argparse.Namespace) -> None:
+    from cellfoundry.io import atomic_outputs
+    from cellfoundry.report import corpus_tables, html_tables
+
+    datasets, species = corpus_tables(
+        [Path(p) for p in args.qc], [Path(p) for p in args.token_mappings],
+        [Path(p) for p in args.panel_reports], [Path(p) for p in args.embedding_reports],
+    )
+    with atomic_outputs(args.datasets_out, args.species_out, args.html) as (datasets_out, species_out, page):
+        datasets.write_csv(datasets_out, separator="\t")
+        species.write_csv(species_out, separator="\t")
+        page.write_text(html_tables("Corpus", {"Datasets": datasets, "Species": species}))
+
+
+@command("report-training")
+def _report_training(args: argparse.Namespace) -> None:
+    from cellfoundry.io import atomic_outputs, write_json
+    from cellfoundry.report import training_figure
+
+    with atomic_outputs(args.out, args.summary) as (out, summary):
+        write_json(summary, training_figure(args.metrics, out, title=args.title))
+
+
+@command("report-embeddings")
+def _report_embeddings(args: argparse.Namespace) -> None:
+    from cellfoundry.io import atomic_outputs
+    from cellfoundry.report import embedding_report, html_tables
+
+    folders = {Path(p).parent.name: Path(p) for p in args.h5ad_dirs}
+    with atomic_outputs(args.out, args.table, args.html) as (out, table, page):
+        accuracies = embedding_report(folders, _json(args.species), args.model, out, k=args.k, seed=args.seed)
+        accuracies.write_csv(table, separator="\t")
+        note = f"k-nearest-neighbour (k={args.k}) label accuracy, 5-fold cross-validation"
+        page.write_text(html_tables("Cell embeddings", {"kNN label accuracy": accuracies}, note=note))
+
+
+@command("lamin-register")
+def _lamin_register(args: argparse.Namespace) -> None:
+    from cellfoundry.io import atomic_outputs, write_json
+    from cellfoundry.lamin import init_instance, register_outputs
+
+    # The project is the instance's storage root: its files are registered in place.
+    init_instance(args.project, name=args.name, settings_dir=args.project)
+    outputs = _expand_h5ad_dirs(args.outputs)
+    registration = register_outputs(
+        outputs,
+        transform_key=args.transform_key,
+        transform_version=args.transform_version,
+        params=_json(args.params),
+        inputs=_expand_h5ad_dirs(args.inputs),
+        description=args.description or None,
+    )
+    with atomic_outputs(args.receipt) as (receipt,):
+        write_json(receipt, registration.to_dict())
+    log.info(
+        "registered %d artifact(s) of %s (run %s, %d input(s)%s)",
+        len(registration.outputs), args.transform_key, registration.run, len(registration.inputs),
+        ", unchanged" if registration.reused else "",
+    )
+
+
+@command("lamin-lineage")
+def _lamin_lineage(args: argparse.Namespace) -> None:
+    from cellfoundry.lamin import connect, lineage_of, storage_root
+
+    ln = connect(f"anonymous/{args.name}", settings_dir=args.project)
+    key = Path(args.artifact).resolve().relative_to(storage_root()).as_posix()
+    artifact = ln.Artifact.filter(key=key).order_by("-created_at").first()
+    if artifact is None:
+        raise CellfoundryError(f"no artifact with key '{key}' in instance {args.name}")
+    for parent in lineage_of(artifact):
+        print(f"{parent.key}\t{parent.uid}\t{parent.run.transform.key if parent.run else 'input'}")
+
+
+def _expand_h5ad_dirs(paths: Sequence[str]) -> list[Path]:
+    """Paths, with each folder of preprocessed files (`*/h5ads`) replaced by its h5ad files."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        out += sorted(path.glob("*.h5ad")) if path.is_dir() and path.name == "h5ads" else [path]
+    return out
+
+
 def apply_overrides(settings: dict, overrides: Sequence[str]) -> dict:
     """Apply `key.sub=value` overrides (values parsed as YAML) to a nested settings dict."""
     import yaml
@@ -374,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="write the simulated demo corpus")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-cells", type=int, default=None, help="cells per dataset (default: each dataset's own)")
 
     p = sub.add_parser("preprocess", help="preprocess one dataset")
     p.add_argument("--dataset", required=True)
@@ -385,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
     for name in ("h5ad-dir", "gene-stats", "qc-json", "qc-plot", "provenance"):
         p.add_argument(f"--{name}", required=True)
+    p.add_argument("--lamin-instance", default="", help="instance of a lamin:// input (default: lamindb's own)")
+    p.add_argument("--lamin-settings-dir", default="", help="folder whose .lamin/ holds that instance's settings")
 
     p = sub.add_parser("gene-stats", help="merge per-dataset gene statistics of a species")
     p.add_argument("--species", required=True)
@@ -502,6 +589,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)
+
+    p = sub.add_parser("report-corpus", help="dataset and species tables for the report")
+    p.add_argument("--qc", nargs="+", required=True)
+    p.add_argument("--token-mappings", nargs="+", required=True)
+    p.add_argument("--panel-reports", nargs="*", default=[])
+    p.add_argument("--embedding-reports", nargs="*", default=[])
+    p.add_argument("--datasets-out", required=True)
+    p.add_argument("--species-out", required=True)
+    p.add_argument("--html", required=True, help="both tables as an HTML page (for the report)")
+
+    p = sub.add_parser("report-training", help="training and validation curves")
+    p.add_argument("--metrics", required=True, help="model_checkpoints/<run>/logs/metrics.csv")
+    p.add_argument("--title", default="")
+    p.add_argument("--out", required=True)
+    p.add_argument("--summary", required=True)
+
+    p = sub.add_parser("report-embeddings", help="UMAPs of cell embeddings by label, kNN accuracy vs PCA")
+    p.add_argument("--model", required=True)
+    p.add_argument("--h5ad-dirs", nargs="+", required=True, help="data/<dataset>/h5ads folders")
+    p.add_argument("--species", required=True, help="dataset -> species (JSON)")
+    p.add_argument("--k", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--table", required=True)
+    p.add_argument("--html", required=True, help="the accuracy table as an HTML page (for the report)")
+
+    p = sub.add_parser("lamin-register", help="register outputs in the project's LaminDB instance")
+    p.add_argument("--project", required=True, help="project directory (the instance's storage root)")
+    p.add_argument("--name", required=True, help="instance name (anonymous/<name>)")
+    p.add_argument("--transform-key", required=True)
+    p.add_argument("--transform-version", required=True)
+    p.add_argument("--params", default="", help="the rule's params (JSON)")
+    p.add_argument("--outputs", nargs="+", required=True, help="files or folders (h5ads/ folders: their files)")
+    p.add_argument("--inputs", nargs="*", default=[])
+    p.add_argument("--description", default="")
+    p.add_argument("--receipt", required=True, help="JSON record of the registration")
+
+    p = sub.add_parser("lamin-lineage", help="what an artifact was made from (e.g. a model's training data)")
+    p.add_argument("--project", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--artifact", required=True, help="path of a registered output")
 
     p = sub.add_parser("shard-manifest", help="one manifest of all shards with their splits")
     p.add_argument("--splits", required=True)

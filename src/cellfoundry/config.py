@@ -66,6 +66,7 @@ _Validator = _extend_with_default(jsonschema.Draft202012Validator)
 def validate(instance: Any, schema: dict[str, Any], *, source: str) -> Any:
     """Validate (and fill defaults into) `instance`; errors name `source` and the key path."""
     instance = copy.deepcopy(instance)
+    _parse_command_line_strings(instance, schema)
     errors = sorted(_Validator(schema).iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]
@@ -73,6 +74,27 @@ def validate(instance: Any, schema: dict[str, Any], *, source: str) -> Any:
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ConfigError(f"{source}: {key}: {error.message}{more}")
     return instance
+
+
+def _parse_command_line_strings(instance: Any, schema: dict[str, Any]) -> None:
+    """Read numbers, booleans and nulls that arrive as strings (`snakemake --config
+    'train={max_steps: 50}'` passes nested values as text) the way YAML would."""
+    for _ in range(100):  # each pass fixes every string it can; nested fixes need a few passes
+        fixed = False
+        for error in _Validator(schema).iter_errors(instance):
+            if error.validator != "type" or not isinstance(error.instance, str) or not error.absolute_path:
+                continue
+            value = yaml.safe_load(error.instance)
+            if isinstance(value, str):
+                continue
+            parent = instance
+            *path, last = error.absolute_path
+            for key in path:
+                parent = parent[key]
+            parent[last] = value
+            fixed = True
+        if not fixed:
+            return
 
 
 def validate_config(

@@ -186,14 +186,105 @@ def training_panels():
 def model_outputs():
     if not config["train"]["enabled"]:
         return []
-    return [out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors")]
+    return [
+        out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors"),
+        out(f"report/training_{TRAIN_RUN}.png"),
+        out(f"report/cell_embeddings_{TRAIN_RUN}.png"),
+    ]
+
+
+def panel_reports():
+    return [
+        out(f"qc/panels/{species}/{name}.json")
+        for species in SPECIES
+        for name in panel_names(species)
+    ]
+
+
+# --- LaminDB ---------------------------------------------------------------------------
+
+
+def lamin_source_arguments(wildcards):
+    """Where the preprocess job finds the instance of a lamin:// dataset."""
+    if not dataset_path(wildcards).startswith("lamin://"):
+        return ""
+    lamin = config["lamin"]
+    return f"--lamin-instance '{lamin['source_instance'] or ''}' --lamin-settings-dir '{lamin['source_settings_dir'] or ''}'"
+
+
+def lamin_dataset_params(wildcards):
+    return as_json(
+        {
+            "source": dataset_path(wildcards),
+            "preprocess": json.loads(preprocess_settings(wildcards)),
+        }
+    )
+
+
+def lamin_species_dataset_receipts(wildcards):
+    return expand(
+        out("lamin/data/{dataset}.json"), dataset=datasets_of(wildcards.species)
+    )
+
+
+def lamin_species_h5ads(wildcards):
+    return expand(out("data/{dataset}/h5ads"), dataset=datasets_of(wildcards.species))
+
+
+def lamin_species_panels(wildcards):
+    return [
+        out(f"panels/{wildcards.species}/{name}.csv")
+        for name in panel_names(wildcards.species)
+    ]
+
+
+def lamin_species_embeddings(wildcards):
+    return expand(
+        out("references/embeddings/{embedding}/{species}.csv"),
+        embedding=EMBEDDINGS,
+        species=[wildcards.species],
+    )
+
+
+def lamin_reference_params(wildcards):
+    return as_json(
+        {
+            "vocabulary": config["vocabulary"],
+            "panels": config["panels"],
+            "embeddings": config["embeddings"],
+        }
+    )
+
+
+def project_of_receipt(wildcards, output):
+    """The project directory, from a receipt's path (<project>/lamin/<kind>/<name>.json)."""
+    return str(Path(output[0]).parents[2])
+
+
+def folder_of_model(wildcards, input):
+    """The exported model folder, from its weights (<folder>/model.safetensors)."""
+    return str(Path(input.model).parent)
+
+
+def run_dir_of_model(wildcards, output):
+    """The run's folder, from the exported weights (<run>/final/model.safetensors)."""
+    return str(Path(output.model).parent.parent)
+
+
+def lamin_outputs():
+    if not config["lamin"]["register"]:
+        return []
+    targets = expand(out("lamin/references/{species}.json"), species=SPECIES)
+    if config["train"]["enabled"]:
+        targets.append(out(f"lamin/model/{TRAIN_RUN}.json"))
+    return targets
 
 
 # --- targets ---------------------------------------------------------------------------
 
 
 def prep_outputs():
-    targets = [out("manifests/shards.parquet")]
+    targets = [out("manifests/shards.parquet"), out("report/datasets.tsv")]
     targets += expand(out("qc/{dataset}/qc.json"), dataset=sorted(DATASETS.index))
     targets += expand(out("provenance/{dataset}.json"), dataset=sorted(DATASETS.index))
     for species in SPECIES:
@@ -207,6 +298,11 @@ def prep_outputs():
 
 
 # --- demo ------------------------------------------------------------------------------
+
+
+def demo_cells_argument():
+    n_cells = config["demo"]["n_cells"]
+    return "" if n_cells is None else f"--n-cells {n_cells}"
 
 
 def demo_folder(wildcards, output):

@@ -7,6 +7,7 @@ rule demo_corpus:
         "../../envs/prep.yaml"
     params:
         seed=config["seed"],
+        n_cells=demo_cells_argument(),
         out=demo_folder,
     shell:
-        "python -m cellfoundry demo --out {params.out:q} --seed {params.seed} > {log:q} 2>&1"
+        "python -m cellfoundry demo --out {params.out:q} --seed {params.seed} {params.n_cells} > {log:q} 2>&1"

@@ -6,7 +6,12 @@ rule preprocess:
         h5ads=directory(out("data/{dataset}/h5ads")),
         gene_stats=out("stats/datasets/{dataset}.parquet"),
         qc=out("qc/{dataset}/qc.json"),
-        qc_plot=out("qc/{dataset}/qc.png"),
+        qc_plot=report(
+            out("qc/{dataset}/qc.png"),
+            caption="../report/qc.rst",
+            category="1. Quality control",
+            labels={"dataset": "{dataset}"},
+        ),
         provenance=out("provenance/{dataset}.json"),
     log:
         out("logs/preprocess/{dataset}.log"),
@@ -18,12 +23,13 @@ rule preprocess:
         path=dataset_path,
         species=species_of,
         settings=preprocess_settings,
+        lamin=lamin_source_arguments,
         version=preprocess.FORMAT_VERSION,
     shell:
         "python -m cellfoundry preprocess --dataset {wildcards.dataset} --species {params.species} "
         "--input {params.path:q} --reference '{input.reference}' --settings {params.settings:q} "
         "--h5ad-dir {output.h5ads:q} --gene-stats {output.gene_stats:q} --qc-json {output.qc:q} "
-        "--qc-plot {output.qc_plot:q} --provenance {output.provenance:q} > {log:q} 2>&1"
+        "--qc-plot {output.qc_plot:q} --provenance {output.provenance:q} {params.lamin} > {log:q} 2>&1"
 
 
 rule gene_stats:

@@ -29,7 +29,7 @@ rule train:
     params:
         settings=as_json(config["train"]),
         seed=config["seed"],
-        run_dir=out(f"model_checkpoints/{TRAIN_RUN}"),
+        run_dir=run_dir_of_model,
     shell:
         "{resources.launcher} -m cellfoundry train --settings {params.settings:q} --seed {params.seed} "
         "--manifest {input.manifest:q} --token-mappings {input.token_mappings:q} "

@@ -36,6 +36,10 @@ class ModelConfig:
         Width of contrastive cell embeddings.
     pooling
         How a cell embedding is read from the hidden states: `cls` or `mean`.
+    cell_head
+        scGPT's gene expression prediction from the cell embedding (GEPC/MVC): a head that
+        predicts a gene's value bin from (its token embedding x the cell embedding), which
+        makes the cell embedding carry the cell's expression state.
     """
 
     objective: Objective
@@ -43,6 +47,7 @@ class ModelConfig:
     n_bins: int = 51
     projection_dim: int = 128
     pooling: Literal["cls", "mean"] = "cls"
+    cell_head: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +82,9 @@ class CellModel(nn.Module):
         self.mlm_head: BertMLMHead | None = None
         self.projection: ProjectionHead | None = None
         self.time_embedding: TimeEmbedding | None = None
+        self.cell_head: ValueHead | None = None
+        if config.cell_head:
+            self.cell_head = ValueHead(d_model, config.n_bins, activation=config.encoder.activation)
         if config.objective in ("binned_mlm", "diffusion"):
             self.value_head = ValueHead(
                 d_model, config.n_bins, activation=config.encoder.activation
@@ -122,6 +130,11 @@ class CellModel(nn.Module):
             return hidden[:, 0]
         keep = (~batch["padding_mask"]).to(hidden.dtype)[..., None]
         return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+    def predict_from_cell(self, cell: Tensor, tokens: Tensor) -> Tensor:
+        """Value-bin logits of genes `tokens` [N] given their cells' embeddings `cell` [N, D]
+        (GEPC: the query is the gene's token embedding, gated by the cell embedding)."""
+        return self.cell_head(self.encoder.token_embedding(tokens) * cell)
 
     def cell_embedding(self, batch: dict[str, Tensor]) -> Tensor:
         """Cell embeddings [B, D'] for downstream use (the projection for contrastive models).

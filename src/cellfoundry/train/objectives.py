@@ -126,9 +126,28 @@ class BinnedMLM:
     def loss(self, model: CellModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         hidden = model.encode(batch)
         mask = batch["loss_mask"]
+        targets = batch["targets"][mask]
         logits = model.value_head(hidden, mask)
-        loss, accuracy = math.masked_cross_entropy(logits, batch["targets"][mask])
-        return {"loss": loss, "accuracy": accuracy, "count": mask.sum()}
+        loss, accuracy = math.masked_cross_entropy(logits, targets)
+        out = {"loss": loss, "accuracy": accuracy, "count": mask.sum()}
+        if model.cell_head is not None:
+            # scGPT's GEPC: the masked genes' bins again, this time from the cell embedding alone.
+            cell = model.pool(hidden, batch)[_cell_of_positions(batch)[mask]]
+            cell_loss, cell_accuracy = math.masked_cross_entropy(
+                model.predict_from_cell(cell, batch["tokens"][mask]), targets
+            )
+            out |= {"loss": loss + cell_loss, "mlm_loss": loss, "cell_loss": cell_loss, "cell_accuracy": cell_accuracy}
+        return out
+
+
+def _cell_of_positions(batch: dict[str, Tensor]) -> Tensor:
+    """The cell (row) of every position, in the batch's layout."""
+    tokens = batch["tokens"]
+    if "cu_seqlens" in batch:
+        from cellfoundry.models.attention import varlen_index
+
+        return varlen_index(batch["cu_seqlens"], tokens.shape[0])[0]
+    return torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(tokens)
 
 
 @dataclass

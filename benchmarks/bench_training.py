@@ -42,7 +42,10 @@ def matmul_peak(device: torch.device, seconds: float = 3.0) -> float:
     """FLOP/s of a large matrix product on this device (bf16 on CUDA, fp32 on CPU)."""
     n = 8192 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (
+        torch.randn(n, n, device=device, dtype=dtype),
+        torch.randn(n, n, device=device, dtype=dtype),
+    )
     a @ b
     _sync(device)
     count, start = 0, time.perf_counter()
@@ -62,9 +65,18 @@ def build_model(preset: str, device: torch.device) -> tuple[CellModel, dict]:
     settings = section_defaults("train", {"preset": preset})
     m = settings["model"]
     encoder = EncoderConfig(
-        vocab_size=VOCAB, d_model=m["d_model"], n_layers=m["n_layers"], n_heads=m["n_heads"], d_ff=m["d_ff"],
-        dropout=0.0, attention_dropout=0.0, max_len=m["max_len"], norm_first=m["norm_first"],
-        activation=m["activation"], position="learned", n_values=0,
+        vocab_size=VOCAB,
+        d_model=m["d_model"],
+        n_layers=m["n_layers"],
+        n_heads=m["n_heads"],
+        d_ff=m["d_ff"],
+        dropout=0.0,
+        attention_dropout=0.0,
+        max_len=m["max_len"],
+        norm_first=m["norm_first"],
+        activation=m["activation"],
+        position="learned",
+        n_values=0,
     )
     model = CellModel(ModelConfig("geneformer_mlm", encoder, 51)).to(device)
     return model, settings
@@ -77,13 +89,21 @@ def lengths_for(kind: str, n: int, max_len: int, rng: np.random.Generator) -> np
     return np.exp(rng.uniform(np.log(64), np.log(max_len), n)).astype(int)
 
 
-def make_batch(lengths: np.ndarray, device: torch.device, padding_free: bool, rng: np.random.Generator) -> dict:
+def make_batch(
+    lengths: np.ndarray, device: torch.device, padding_free: bool, rng: np.random.Generator
+) -> dict:
     total = int(lengths.sum())
     tokens = torch.from_numpy(rng.integers(3, VOCAB, total)).to(device)
     mask = torch.from_numpy(rng.random(total) < MASK_FRACTION).to(device)
     cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)).to(device)
     if padding_free:
-        return {"tokens": tokens, "loss_mask": mask, "targets": tokens, "cu_seqlens": cu, "max_seqlen": int(lengths.max())}
+        return {
+            "tokens": tokens,
+            "loss_mask": mask,
+            "targets": tokens,
+            "cu_seqlens": cu,
+            "max_seqlen": int(lengths.max()),
+        }
     width = int(lengths.max())
     padded = torch.ones(len(lengths), width, dtype=torch.long, device=device)
     padded_mask = torch.zeros(len(lengths), width, dtype=torch.bool, device=device)
@@ -95,7 +115,14 @@ def make_batch(lengths: np.ndarray, device: torch.device, padding_free: bool, rn
     return {"tokens": padded, "loss_mask": padded_mask, "targets": padded, "padding_mask": padding}
 
 
-def step_time(model: CellModel, batches: list[dict], dtype: torch.dtype | None, device: torch.device, steps: int, warmup: int) -> float:
+def step_time(
+    model: CellModel,
+    batches: list[dict],
+    dtype: torch.dtype | None,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     times = []
     for i in range(warmup + steps):
@@ -127,7 +154,9 @@ def peak_memory_mb(device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=None)
-    parser.add_argument("--cells", type=int, default=None, help="cells per step (default: 32 on CUDA, 2 on CPU)")
+    parser.add_argument(
+        "--cells", type=int, default=None, help="cells per step (default: 32 on CUDA, 2 on CPU)"
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -135,16 +164,22 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = device_and_dtype()
     cuda = device.type == "cuda"
-    presets = args.presets or (["geneformer_10m", "geneformer_106m"] if cuda else ["geneformer_10m"])
+    presets = args.presets or (
+        ["geneformer_10m", "geneformer_106m"] if cuda else ["geneformer_10m"]
+    )
     cells = args.cells or (32 if cuda else 2)
     steps = args.steps or (20 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     peak = args.peak_tflops * 1e12 if cuda else matmul_peak(device)
     rng = np.random.default_rng(0)
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; precision: {'bf16-mixed' if cuda else 'fp32'}; peak used for MFU: {peak / 1e12:.2f} TFLOP/s"
-          f"{'' if cuda else ' (measured fp32 matmul)'}; {cells} cells/step, median of {steps} steps\n")
-    print("| preset | cells | layout | tokens/step | step (s) | tokens/s | cells/s | MFU | peak memory (MB) |")
+    print(
+        f"device: {name}; precision: {'bf16-mixed' if cuda else 'fp32'}; peak used for MFU: {peak / 1e12:.2f} TFLOP/s"
+        f"{'' if cuda else ' (measured fp32 matmul)'}; {cells} cells/step, median of {steps} steps\n"
+    )
+    print(
+        "| preset | cells | layout | tokens/step | step (s) | tokens/s | cells/s | MFU | peak memory (MB) |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for preset in presets:
         if cuda:
@@ -154,7 +189,10 @@ def main() -> None:
             model.encoder.compile()
         max_len = settings["model"]["max_len"]
         config = model.config.encoder
-        draws = {kind: [lengths_for(kind, cells, max_len, rng) for _ in range(4)] for kind in ("full", "variable")}
+        draws = {
+            kind: [lengths_for(kind, cells, max_len, rng) for _ in range(4)]
+            for kind in ("full", "variable")
+        }
         padded_time = None
         # The same cells (lengths) for the padded and the padding-free variable-length runs.
         for kind, padding_free in (("full", False), ("variable", False), ("variable", True)):
@@ -163,7 +201,10 @@ def main() -> None:
             seconds = step_time(model, batches, dtype, device, steps, warmup)
             real_tokens = float(np.mean([x.sum() for x in lengths]))
             mean_len = real_tokens / cells
-            flops_per_token = model.encoder.flops_per_token(int(mean_len)) + 6 * config.d_model * VOCAB * MASK_FRACTION
+            flops_per_token = (
+                model.encoder.flops_per_token(int(mean_len))
+                + 6 * config.d_model * VOCAB * MASK_FRACTION
+            )
             mfu = flops_per_token * real_tokens / seconds / peak
             layout = "padding-free" if padding_free else "padded"
             speedup = ""

@@ -137,10 +137,23 @@ class Project:
             self.datasets, self.config = datasets, config
         return config_path
 
-    def command(self, *args: str, profile: str = "profiles/local", config: Path | None = None) -> list[str]:
+    def command(
+        self, *args: str, profile: str = "profiles/local", config: Path | None = None
+    ) -> list[str]:
         """The Snakemake command line for this project (run from the repository)."""
         config_file = str(config or self.config_path)
-        return [sys.executable, "-m", "snakemake", "--profile", profile, "--configfile", config_file, "--cores", "2", *args]
+        return [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--profile",
+            profile,
+            "--configfile",
+            config_file,
+            "--cores",
+            "2",
+            *args,
+        ]
 
     def snakemake(
         self,
@@ -150,7 +163,9 @@ class Project:
         timeout: int = 1800,
         env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess:
-        return run(self.command(*args, profile=profile, config=config), cwd=REPO, env=env, timeout=timeout)
+        return run(
+            self.command(*args, profile=profile, config=config), cwd=REPO, env=env, timeout=timeout
+        )
 
     def planned_jobs(self, *args: str, config: Path | None = None) -> dict[str, int]:
         """Jobs a dry run would execute, by rule (the 'Job stats' table)."""
@@ -209,7 +224,11 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip("needs root and Slurm (bash .ci/install_slurm.sh)")
     # More CPUs and memory than the machine has: the profile's requests must be schedulable.
     cluster = SlurmCluster(
-        tmp_path_factory.mktemp("slurm"), cpus=32, gpus=2, memory_mb=256_000, partitions=("cpu", "gpu")
+        tmp_path_factory.mktemp("slurm"),
+        cpus=32,
+        gpus=2,
+        memory_mb=256_000,
+        partitions=("cpu", "gpu"),
     )
     with cluster:
         yield cluster
@@ -391,8 +410,8 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
                 species_name,
                 "--token-mapping",
                 str(token_mappings[species_name]),
-                "--manifest",
-                str(manifest),
+                "--shards",
+                *[str(project / "shards" / n) for n, d in datasets.items() if d.species == species_name],
                 "--settings",
                 json.dumps({"method": "coexpression", "dim": 16}),
                 "--out",

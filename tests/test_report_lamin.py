@@ -57,7 +57,9 @@ def project(tmp_path_factory) -> Project:
     pytest.importorskip("lamindb")
     root = tmp_path_factory.mktemp("lamin-report")
     source, settings = root / "source", root / "source-settings"
-    made = run([sys.executable, "-c", textwrap.dedent(SOURCE), str(source), str(settings)], cwd=root)
+    made = run(
+        [sys.executable, "-c", textwrap.dedent(SOURCE), str(source), str(settings)], cwd=root
+    )
     assert made.returncode == 0, made.stdout[-3000:]
     rows = [
         {"dataset": d.name, "species": d.species, "path": str(root / "demo" / d.path)}
@@ -65,10 +67,18 @@ def project(tmp_path_factory) -> Project:
         if d.name in ("demo_pbmc_ids", "demo_brain")
     ]
     rows += [
-        {"dataset": "lamin_pbmc", "species": "hsapiens", "path": "lamin://artifact/corpus/pbmc_symbols.h5ad"},
+        {
+            "dataset": "lamin_pbmc",
+            "species": "hsapiens",
+            "path": "lamin://artifact/corpus/pbmc_symbols.h5ad",
+        },
         {"dataset": "lamin_retina", "species": "mmusculus", "path": "lamin://collection/retina"},
     ]
-    lamin = {"register": True, "source_instance": "anonymous/corpus", "source_settings_dir": str(settings)}
+    lamin = {
+        "register": True,
+        "source_instance": "anonymous/corpus",
+        "source_settings_dir": str(settings),
+    }
     project = Project(root, rows, {**TINY, "lamin": lamin})
     result = project.snakemake(timeout=2400)
     assert result.returncode == 0, result.stdout[-6000:]
@@ -78,7 +88,9 @@ def project(tmp_path_factory) -> Project:
 
 
 def test_lamin_datasets_are_materialised(project):
-    retina = sorted(p.name for p in (project.results / "data" / "lamin_retina" / "h5ads").glob("*.h5ad"))
+    retina = sorted(
+        p.name for p in (project.results / "data" / "lamin_retina" / "h5ads").glob("*.h5ad")
+    )
     assert retina == ["retina_batch1.h5ad", "retina_batch2.h5ad"]
     provenance = json.loads((project.results / "provenance" / "lamin_pbmc.json").read_text())
     assert provenance["config"]["input"] == "lamin://artifact/corpus/pbmc_symbols.h5ad"
@@ -103,7 +115,9 @@ def test_model_lineage_names_its_training_data(project):
 def test_registration_is_idempotent(project):
     receipt = project.results / "lamin" / "model" / "demo.json"
     first = json.loads(receipt.read_text())
-    again = project.snakemake("--forcerun", "lamin_register_model", "--until", "lamin_register_model")
+    again = project.snakemake(
+        "--forcerun", "lamin_register_model", "--until", "lamin_register_model"
+    )
     assert again.returncode == 0, again.stdout[-3000:]
     second = json.loads(receipt.read_text())
     assert second["reused"] is True
@@ -111,7 +125,10 @@ def test_registration_is_idempotent(project):
 
 
 def test_unknown_lamin_reference_fails_its_dataset(project, tmp_path):
-    rows = [*project.datasets, {"dataset": "missing", "species": "hsapiens", "path": "lamin://artifact/corpus/nope.h5ad"}]
+    rows = [
+        *project.datasets,
+        {"dataset": "missing", "species": "hsapiens", "path": "lamin://artifact/corpus/nope.h5ad"},
+    ]
     config = project.write(rows, project.config, name="-missing")
     result = project.snakemake("--until", "preprocess", config=config)
     assert result.returncode != 0
@@ -132,9 +149,16 @@ def browser(tmp_path_factory):
     options = Options()
     options.binary_location = chromium
     for argument in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--window-size=1400,1000",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+        "--window-size=1400,1000",
     ):
         options.add_argument(argument)
     session = webdriver.Chrome(service=Service(driver), options=options)
@@ -159,7 +183,9 @@ def test_report_renders_every_plot_in_a_browser(project, browser, tmp_path):
     for category in ("1. Quality control", "2. Corpus", "3. Training", "4. Cell embeddings"):
         browser.get(report.as_uri())
         wait.until(ec.element_to_be_clickable((By.LINK_TEXT, category))).click()
-        n = len(wait.until(ec.presence_of_all_elements_located((By.CSS_SELECTOR, 'a[iconname="eye"]'))))
+        n = len(
+            wait.until(ec.presence_of_all_elements_located((By.CSS_SELECTOR, 'a[iconname="eye"]')))
+        )
         for i in range(n):
             browser.find_elements(By.CSS_SELECTOR, 'a[iconname="eye"]')[i].click()
             # Wait for a result that was not on screen before (an image or an HTML page).
@@ -168,14 +194,24 @@ def test_report_renders_every_plot_in_a_browser(project, browser, tmp_path):
             seen[category] = seen.get(category, 0) + 1
             if shown.startswith("iframe"):
                 browser.switch_to.frame(browser.find_element(By.TAG_NAME, "iframe"))
-                rows = wait.until(ec.presence_of_all_elements_located((By.CSS_SELECTOR, "tbody tr")))
+                rows = wait.until(
+                    ec.presence_of_all_elements_located((By.CSS_SELECTOR, "tbody tr"))
+                )
                 tables[category] = [r.text for r in rows]
                 browser.switch_to.default_content()
         browser.save_screenshot(str(tmp_path / f"{category[0]}.png"))
-    assert seen == {"1. Quality control": 4, "2. Corpus": 1, "3. Training": 1, "4. Cell embeddings": 2}
+    assert seen == {
+        "1. Quality control": 4,
+        "2. Corpus": 1,
+        "3. Training": 1,
+        "4. Cell embeddings": 2,
+    }
     # The corpus page lists every dataset (and both species); the embeddings page the labelled files.
     corpus = "\n".join(tables["2. Corpus"])
-    assert all(name in corpus for name in ("demo_pbmc_ids", "demo_brain", "lamin_pbmc", "lamin_retina", "mmusculus"))
+    assert all(
+        name in corpus
+        for name in ("demo_pbmc_ids", "demo_brain", "lamin_pbmc", "lamin_retina", "mmusculus")
+    )
     assert any("retina_batch1.h5ad" in row for row in tables["4. Cell embeddings"])
     # The screenshot of the embeddings shows a picture, not an empty page.
     from PIL import Image

@@ -50,7 +50,10 @@ def cluster_env(cluster) -> dict[str, str]:
 
 
 def demo_rows(root: Path, names: list[str] | None = None) -> list[dict[str, object]]:
-    rows = [{"dataset": d.name, "species": d.species, "path": str(root / "demo" / d.path)} for d in DEMO_DATASETS]
+    rows = [
+        {"dataset": d.name, "species": d.species, "path": str(root / "demo" / d.path)}
+        for d in DEMO_DATASETS
+    ]
     return [r for r in rows if names is None or r["dataset"] in names]
 
 
@@ -72,7 +75,9 @@ def cluster_project(slurm_cluster, tmp_path_factory) -> Project:
     slurm_cluster.wait_until_idle()
     root = tmp_path_factory.mktemp("slurm-demo")
     project = Project(root, demo_rows(root), CONFIG)
-    result = project.snakemake(*FAST_POLLING, profile=PROFILE, env=cluster_env(slurm_cluster), timeout=2400)
+    result = project.snakemake(
+        *FAST_POLLING, profile=PROFILE, env=cluster_env(slurm_cluster), timeout=2400
+    )
     assert result.returncode == 0, result.stdout[-6000:]
     return project
 
@@ -105,11 +110,19 @@ def test_preempted_training_requeues_and_resumes(cluster_project, slurm_cluster)
     """SIGUSR1 (what --signal=SIGUSR1@N sends before the time limit) makes Lightning save an HPC
     checkpoint and requeue the job; the requeued job resumes from it and Snakemake succeeds."""
     longer = cluster_project.write(
-        cluster_project.datasets, {**CONFIG, "train": {**CONFIG["train"], "max_steps": 300}}, name="-preempt"
+        cluster_project.datasets,
+        {**CONFIG, "train": {**CONFIG["train"], "max_steps": 300}},
+        name="-preempt",
     )
     command = cluster_project.command(*FAST_POLLING, profile=PROFILE, config=longer)
-    process = subprocess.Popen(command, cwd=REPO, env=cluster_env(slurm_cluster), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=cluster_env(slurm_cluster),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     log = cluster_project.results / "logs" / "train" / "demo.log"
     deadline = time.time() + 900
     train_job = None
@@ -118,7 +131,11 @@ def test_preempted_training_requeues_and_resumes(cluster_project, slurm_cluster)
         assert time.time() < deadline, "training never started"
         text = log.read_text() if log.is_file() else ""
         if re.search(r"step \d+/300", text):
-            running = [j for j in slurm_cluster.squeue() if j["partition"] == "gpu" and j["state"] == "RUNNING"]
+            running = [
+                j
+                for j in slurm_cluster.squeue()
+                if j["partition"] == "gpu" and j["state"] == "RUNNING"
+            ]
             train_job = running[0]["id"] if running else None
         time.sleep(1)
     slurm_cluster.run("scancel", "--signal=USR1", train_job)
@@ -160,7 +177,13 @@ def test_bad_dataset_fails_alone_on_the_cluster(slurm_cluster, tmp_path):
     # The other datasets finished their own chains, and the mouse corpus is complete.
     for name in ("demo_pbmc_ids", "demo_brain"):
         assert (project.results / "shards" / name / "manifest.json").is_file()
-    assert (project.results / "references" / "vocabulary" / "token_mappings_per_specie" / "mmusculus.csv").is_file()
+    assert (
+        project.results
+        / "references"
+        / "vocabulary"
+        / "token_mappings_per_specie"
+        / "mmusculus.csv"
+    ).is_file()
 
     truncated.write_bytes(good_bytes)
     planned = project.planned_wildcards("preprocess")

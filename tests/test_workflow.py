@@ -27,6 +27,25 @@ PREP_RULES = {
     "splits",
     "shard_manifest",
 }
+# A tiny model and short training keep the suite fast; the default config trains a larger one.
+FAST = {
+    "embeddings": {"coexpression": {"method": "coexpression", "dim": 16}},
+    "train": {
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_len": 128},
+        "batch_size": 16,
+        "max_steps": 60,
+        "val_every_n_steps": 20,
+        "val_batches": 4,
+        "checkpoint_every_n_steps": 20,
+        "optimizer": {"lr": 0.003, "warmup_steps": 10},
+    },
+}
+# The jobs a one-dataset change reruns: its own chain and the aggregations over its species.
+SPECIES_CHAIN = {
+    "preprocess": 1, "shards": 1, "gene_stats": 1, "vocabulary": 1, "panel_hvg": 1, "splits": 1,
+    "shard_manifest": 1, "gene_embeddings": 1, "train": 1, "report_corpus": 1, "report_training": 1,
+    "report_embeddings": 1,
+}  # fmt: skip
 
 
 def demo_rows(project_root: Path, names: list[str] | None = None) -> list[dict[str, object]]:
@@ -52,7 +71,7 @@ def digest(path: Path) -> str:
 def demo_project(tmp_path_factory) -> Project:
     """The default pipeline run once, for real, on the simulated demo corpus."""
     root = tmp_path_factory.mktemp("demo")
-    project = Project(root, demo_rows(root))
+    project = Project(root, demo_rows(root), FAST)
     result = project.snakemake()
     assert result.returncode == 0, result.stdout[-5000:]
     return project
@@ -88,6 +107,37 @@ def test_demo_run_writes_the_scconcept_layout(demo_project):
     )
 
 
+def test_demo_run_trains_a_model_that_loads_and_learned(demo_project):
+    from cellfoundry.train.export import load_pretrained
+
+    final = demo_project.results / "model_checkpoints" / "demo" / "final"
+    model, layout, config = load_pretrained(final)
+    assert config["steps"] == FAST["train"]["max_steps"]
+    assert layout.species == ("hsapiens", "mmusculus")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    metrics = pl.read_csv(
+        demo_project.results / "model_checkpoints" / "demo" / "logs" / "metrics.csv"
+    )
+    val = metrics.filter(pl.col("val/loss").is_not_null()).sort("step")
+    assert val["step"][0] == 0 and val.height >= 3
+    assert val["val/loss"][-1] < val["val/loss"][0]
+    for species in ("hsapiens", "mmusculus"):
+        embedding = (
+            demo_project.results / "references" / "embeddings" / "coexpression" / f"{species}.csv"
+        )
+        header = embedding.read_text().splitlines()[0].split(",")
+        assert header[0] == "gene_id" and len(header) == 17
+    accuracy = pl.read_csv(
+        demo_project.results / "report" / "cell_embeddings_demo.tsv", separator="\t"
+    )
+    assert set(accuracy["dataset"]) == {
+        "demo_pbmc_ids",
+        "demo_pbmc_symbols",
+        "demo_brain",
+        "demo_retina",
+    }
+
+
 def test_complete_run_has_nothing_left_to_do(demo_project):
     assert demo_project.planned_jobs() == {}
 
@@ -95,18 +145,11 @@ def test_complete_run_has_nothing_left_to_do(demo_project):
 def test_one_dataset_setting_reruns_only_its_chain(demo_project):
     rows = demo_project.datasets
     changed = [dict(r, min_genes=150) if r["dataset"] == "demo_brain" else r for r in rows]
-    jobs = demo_project.planned_jobs(config=demo_project.write(changed, {}, name="-changed"))
+    jobs = demo_project.planned_jobs(config=demo_project.write(changed, FAST, name="-changed"))
     assert jobs.pop("all") == 1
-    # demo_brain's own chain, and the mouse corpus aggregations; nothing of the other datasets.
-    assert jobs == {
-        "preprocess": 1,
-        "shards": 1,
-        "gene_stats": 1,
-        "vocabulary": 1,
-        "panel_hvg": 1,
-        "splits": 1,
-        "shard_manifest": 1,
-    }
+    # demo_brain's own chain, the mouse aggregations and what is trained on the corpus;
+    # nothing of the other datasets.
+    assert jobs == SPECIES_CHAIN
     config = demo_project.root / "config-changed.yaml"
     assert demo_project.planned_wildcards("preprocess", config=config) == ["dataset=demo_brain"]
     assert demo_project.planned_wildcards("gene_stats", config=config) == ["species=mmusculus"]
@@ -119,18 +162,10 @@ def test_adding_a_dataset_adds_only_its_jobs(demo_project):
         "path": str(demo_project.root / "demo" / "demo_brain.h5ad"),
     }
     jobs = demo_project.planned_jobs(
-        config=demo_project.write([*demo_project.datasets, extra], {}, name="-added")
+        config=demo_project.write([*demo_project.datasets, extra], FAST, name="-added")
     )
     jobs.pop("all")
-    assert jobs == {
-        "preprocess": 1,
-        "shards": 1,
-        "gene_stats": 1,
-        "vocabulary": 1,
-        "panel_hvg": 1,
-        "splits": 1,
-        "shard_manifest": 1,
-    }
+    assert jobs == SPECIES_CHAIN
     assert demo_project.planned_wildcards(
         "shards", config=demo_project.root / "config-added.yaml"
     ) == ["dataset=demo_brain_copy"]
@@ -141,7 +176,7 @@ def test_unsafe_dataset_name_fails_before_any_job(demo_project):
         *demo_project.datasets,
         {"dataset": "../escape", "species": "hsapiens", "path": "/x.h5ad"},
     ]
-    result = demo_project.snakemake("-n", config=demo_project.write(bad, {}, name="-unsafe"))
+    result = demo_project.snakemake("-n", config=demo_project.write(bad, FAST, name="-unsafe"))
     assert result.returncode != 0
     assert "dataset name '../escape' is not a safe identifier" in result.stdout
 
@@ -169,7 +204,7 @@ def test_outputs_do_not_depend_on_other_datasets_or_order(demo_project, tmp_path
     human = [d.name for d in DEMO_DATASETS if d.species == "hsapiens"]
     mouse = [d.name for d in DEMO_DATASETS if d.species == "mmusculus"]
     rows = list(reversed(demo_rows(tmp_path, human + mouse[:1])))
-    other = Project(tmp_path, rows)
+    other = Project(tmp_path, rows, {**FAST, "train": {"enabled": False}})
     result = other.snakemake()
     assert result.returncode == 0, result.stdout[-5000:]
     a, b = demo_project.results, other.results
@@ -184,18 +219,15 @@ def test_outputs_do_not_depend_on_other_datasets_or_order(demo_project, tmp_path
     assert digest(a / vocab) == digest(b / vocab)
 
     # Adding the missing mouse dataset runs its chain and the mouse aggregations only ...
+    no_training = {**FAST, "train": {"enabled": False}}
     jobs = other.planned_jobs(
-        config=other.write(list(reversed(demo_rows(tmp_path))), {}, name="-full")
+        config=other.write(list(reversed(demo_rows(tmp_path))), no_training, name="-full")
     )
     jobs.pop("all")
     assert jobs == {
-        "preprocess": 1,
-        "shards": 1,
-        "gene_stats": 1,
-        "vocabulary": 1,
-        "panel_hvg": 1,
-        "splits": 1,
-        "shard_manifest": 1,
+        k: v
+        for k, v in SPECIES_CHAIN.items()
+        if k not in ("train", "report_training", "report_embeddings")
     }
     result = other.snakemake(config=other.root / "config-full.yaml")
     assert result.returncode == 0, result.stdout[-5000:]
@@ -230,7 +262,7 @@ def test_bad_datasets_fail_alone_and_rerun_after_fixing(
             }
         )
     root.mkdir()
-    project = Project(root, rows)
+    project = Project(root, rows, {**FAST, "train": {"enabled": False}})
     demo = project.snakemake(str(root / "demo" / "demo_pbmc_ids.h5ad"))
     assert demo.returncode == 0, demo.stdout[-3000:]
     truncated.parent.mkdir()
@@ -262,7 +294,7 @@ def test_bad_datasets_fail_alone_and_rerun_after_fixing(
 
     # Fix the truncated file, drop the others: only what is missing runs.
     truncated.write_bytes(data)
-    fixed = project.write([*good, rows[1]], {}, name="-fixed")
+    fixed = project.write([*good, rows[1]], {**FAST, "train": {"enabled": False}}, name="-fixed")
     jobs = project.planned_jobs(config=fixed)
     jobs.pop("all")
     assert jobs["preprocess"] == 1 and jobs["shards"] == 1
@@ -277,7 +309,7 @@ def shared_data_optional() -> Path | None:
     return SHARED_DATA if (SHARED_DATA / "MANIFEST.md").is_file() else None
 
 
-def test_real_datasets_run_through_the_workflow(project_factory, shared_data):
+def test_real_datasets_run_through_the_workflow(project_factory, shared_data, tmp_path):
     rows = [
         {
             "dataset": "pbmc1k_10x",
@@ -310,9 +342,16 @@ def test_real_datasets_run_through_the_workflow(project_factory, shared_data):
             "path": str(shared_data / "mouse_sympathetic_furlan2016.loom"),
         },
     ]
-    project = project_factory(rows)
+    # scConcept split files: validate on the 5k PBMCs, train on everything else.
+    splits = shared_data_splits(tmp_path / "splits", rows, val="pbmc5k_symbols")
+    project = project_factory(rows, {**FAST, "splits": splits})
     result = project.snakemake()
     assert result.returncode == 0, result.stdout[-5000:]
+    manifest = pl.read_parquet(project.results / "manifests" / "shards.parquet")
+    assert manifest.filter(pl.col("split") == "val")["dataset"].to_list() == ["pbmc5k_symbols"]
+    metrics = pl.read_csv(project.results / "model_checkpoints" / "demo" / "logs" / "metrics.csv")
+    val = metrics.filter(pl.col("val/loss").is_not_null()).sort("step")["val/loss"]
+    assert val[-1] < val[0]  # trained on real data, validated on a held-out real dataset
     qc = {
         r["dataset"]: json.loads((project.results / "qc" / r["dataset"] / "qc.json").read_text())
         for r in rows
@@ -321,6 +360,26 @@ def test_real_datasets_run_through_the_workflow(project_factory, shared_data):
     assert qc["pbmc1k_10x"]["files"][0]["genes_in"] == 36601  # antibody capture dropped
     assert qc["e18_brain"]["cells_kept"] > 9000
     assert all(q["mapping_rate"] > 0.8 for q in qc.values())
-    manifest = pl.read_parquet(project.results / "manifests" / "shards.parquet")
     assert manifest["n_cells"].sum() == sum(q["cells_kept"] for q in qc.values())
     assert project.planned_jobs() == {}
+
+
+
+def shared_data_splits(folder: Path, rows: list[dict[str, object]], val: str) -> dict[str, object]:
+    """One scConcept split file per dataset (interpolated source_path); `val` is validation."""
+    import yaml
+
+    folder.mkdir()
+    for row in rows:
+        file = f"{Path(str(row['path'])).stem}.h5ad"
+        section = "val" if row["dataset"] == val else "train"
+        body = {
+            "source_name": row["dataset"],
+            "species": row["species"],
+            "source_path": "${PATH.PROJECT_PATH}/data/${.source_name}/h5ads",
+            "train": [file] if section == "train" else [],
+            "val": [file] if section == "val" else [],
+        }
+        (folder / f"{row['dataset']}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+    names = [str(r["dataset"]) for r in rows]
+    return {"dir": str(folder), "train": names, "val": [val]}

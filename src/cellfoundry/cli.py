@@ -242,20 +242,16 @@ def _shard_manifest(args: argparse.Namespace) -> None:
 
 @command("embeddings")
 def _embeddings(args: argparse.Namespace) -> None:
-    import polars as pl
-
     from cellfoundry import embeddings
     from cellfoundry.io import atomic_outputs, write_json
+    from cellfoundry.shards import shard_folders
     from cellfoundry.vocabulary import read_token_mapping
 
     settings = _json(args.settings)
-    manifest = pl.read_parquet(args.manifest).filter(
-        (pl.col("species") == args.species) & (pl.col("split") == "train")
-    )
     inputs = embeddings.EmbeddingInputs(
         species=args.species,
         token_mapping=read_token_mapping(args.species, args.token_mapping),
-        shards=tuple(Path(p) for p in manifest["shard"].unique(maintain_order=True).to_list()),
+        shards=tuple(folder for root in sorted(args.shards) for folder in shard_folders(root)),
         seed=args.seed,
     )
     method = embeddings.resolve_method(settings.pop("method"))
@@ -352,10 +348,16 @@ def _report_corpus(args: argparse.Namespace) -> None:
     from cellfoundry.report import corpus_tables, html_tables
 
     datasets, species = corpus_tables(
-        [Path(p) for p in args.qc], [Path(p) for p in args.token_mappings],
-        [Path(p) for p in args.panel_reports], [Path(p) for p in args.embedding_reports],
+        [Path(p) for p in args.qc],
+        [Path(p) for p in args.token_mappings],
+        [Path(p) for p in args.panel_reports],
+        [Path(p) for p in args.embedding_reports],
     )
-    with atomic_outputs(args.datasets_out, args.species_out, args.html) as (datasets_out, species_out, page):
+    with atomic_outputs(args.datasets_out, args.species_out, args.html) as (
+        datasets_out,
+        species_out,
+        page,
+    ):
         datasets.write_csv(datasets_out, separator="\t")
         species.write_csv(species_out, separator="\t")
         page.write_text(html_tables("Corpus", {"Datasets": datasets, "Species": species}))
@@ -377,10 +379,14 @@ def _report_embeddings(args: argparse.Namespace) -> None:
 
     folders = {Path(p).parent.name: Path(p) for p in args.h5ad_dirs}
     with atomic_outputs(args.out, args.table, args.html) as (out, table, page):
-        accuracies = embedding_report(folders, _json(args.species), args.model, out, k=args.k, seed=args.seed)
+        accuracies = embedding_report(
+            folders, _json(args.species), args.model, out, k=args.k, seed=args.seed
+        )
         accuracies.write_csv(table, separator="\t")
         note = f"k-nearest-neighbour (k={args.k}) label accuracy, 5-fold cross-validation"
-        page.write_text(html_tables("Cell embeddings", {"kNN label accuracy": accuracies}, note=note))
+        page.write_text(
+            html_tables("Cell embeddings", {"kNN label accuracy": accuracies}, note=note)
+        )
 
 
 @command("lamin-register")
@@ -403,7 +409,10 @@ def _lamin_register(args: argparse.Namespace) -> None:
         write_json(receipt, registration.to_dict())
     log.info(
         "registered %d artifact(s) of %s (run %s, %d input(s)%s)",
-        len(registration.outputs), args.transform_key, registration.run, len(registration.inputs),
+        len(registration.outputs),
+        args.transform_key,
+        registration.run,
+        len(registration.inputs),
         ", unchanged" if registration.reused else "",
     )
 
@@ -458,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="write the simulated demo corpus")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-cells", type=int, default=None, help="cells per dataset (default: each dataset's own)")
+    p.add_argument(
+        "--n-cells", type=int, default=None, help="cells per dataset (default: each dataset's own)"
+    )
 
     p = sub.add_parser("preprocess", help="preprocess one dataset")
     p.add_argument("--dataset", required=True)
@@ -470,8 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
     for name in ("h5ad-dir", "gene-stats", "qc-json", "qc-plot", "provenance"):
         p.add_argument(f"--{name}", required=True)
-    p.add_argument("--lamin-instance", default="", help="instance of a lamin:// input (default: lamindb's own)")
-    p.add_argument("--lamin-settings-dir", default="", help="folder whose .lamin/ holds that instance's settings")
+    p.add_argument(
+        "--lamin-instance", default="", help="instance of a lamin:// input (default: lamindb's own)"
+    )
+    p.add_argument(
+        "--lamin-settings-dir",
+        default="",
+        help="folder whose .lamin/ holds that instance's settings",
+    )
 
     p = sub.add_parser("gene-stats", help="merge per-dataset gene statistics of a species")
     p.add_argument("--species", required=True)
@@ -524,9 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--species", required=True)
     p.add_argument("--token-mapping", required=True)
-    p.add_argument(
-        "--manifest", required=True, help="shard manifest (the train split's shards are used)"
-    )
+    p.add_argument("--shards", nargs="+", required=True, help="the species' shards/<dataset> folders")
     p.add_argument("--settings", required=True, help="method settings including 'method' (JSON)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -605,7 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--summary", required=True)
 
-    p = sub.add_parser("report-embeddings", help="UMAPs of cell embeddings by label, kNN accuracy vs PCA")
+    p = sub.add_parser(
+        "report-embeddings", help="UMAPs of cell embeddings by label, kNN accuracy vs PCA"
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--h5ad-dirs", nargs="+", required=True, help="data/<dataset>/h5ads folders")
     p.add_argument("--species", required=True, help="dataset -> species (JSON)")
@@ -613,20 +630,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--table", required=True)
-    p.add_argument("--html", required=True, help="the accuracy table as an HTML page (for the report)")
+    p.add_argument(
+        "--html", required=True, help="the accuracy table as an HTML page (for the report)"
+    )
 
     p = sub.add_parser("lamin-register", help="register outputs in the project's LaminDB instance")
-    p.add_argument("--project", required=True, help="project directory (the instance's storage root)")
+    p.add_argument(
+        "--project", required=True, help="project directory (the instance's storage root)"
+    )
     p.add_argument("--name", required=True, help="instance name (anonymous/<name>)")
     p.add_argument("--transform-key", required=True)
     p.add_argument("--transform-version", required=True)
     p.add_argument("--params", default="", help="the rule's params (JSON)")
-    p.add_argument("--outputs", nargs="+", required=True, help="files or folders (h5ads/ folders: their files)")
+    p.add_argument(
+        "--outputs", nargs="+", required=True, help="files or folders (h5ads/ folders: their files)"
+    )
     p.add_argument("--inputs", nargs="*", default=[])
     p.add_argument("--description", default="")
     p.add_argument("--receipt", required=True, help="JSON record of the registration")
 
-    p = sub.add_parser("lamin-lineage", help="what an artifact was made from (e.g. a model's training data)")
+    p = sub.add_parser(
+        "lamin-lineage", help="what an artifact was made from (e.g. a model's training data)"
+    )
     p.add_argument("--project", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--artifact", required=True, help="path of a registered output")

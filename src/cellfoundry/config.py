@@ -82,7 +82,11 @@ def _parse_command_line_strings(instance: Any, schema: dict[str, Any]) -> None:
     for _ in range(100):  # each pass fixes every string it can; nested fixes need a few passes
         fixed = False
         for error in _Validator(schema).iter_errors(instance):
-            if error.validator != "type" or not isinstance(error.instance, str) or not error.absolute_path:
+            if (
+                error.validator != "type"
+                or not isinstance(error.instance, str)
+                or not error.absolute_path
+            ):
                 continue
             value = yaml.safe_load(error.instance)
             if isinstance(value, str):

@@ -25,11 +25,22 @@ from cellfoundry.plots import _pyplot
 log = logging.getLogger(__name__)
 
 # obs columns that hold cell labels in the formats people bring (CELLxGENE, loom, scanpy).
-LABEL_KEYS = ("cell_type", "Cell_cluster", "celltype", "cell_ontology_class", "labels", "louvain", "leiden")
+LABEL_KEYS = (
+    "cell_type",
+    "Cell_cluster",
+    "celltype",
+    "cell_ontology_class",
+    "labels",
+    "louvain",
+    "leiden",
+)
 
 
 def corpus_tables(
-    qc_files: list[Path], token_mappings: list[Path], panel_reports: list[Path], embedding_reports: list[Path]
+    qc_files: list[Path],
+    token_mappings: list[Path],
+    panel_reports: list[Path],
+    embedding_reports: list[Path],
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(datasets table, species table) from the QC records and reference outputs."""
     rows = []
@@ -47,7 +58,9 @@ def corpus_tables(
                 "genes_in": sum(f["genes_in"] for f in files),
                 "genes_mapped": sum(f["genes_mapped"] for f in files),
                 "mapping_rate": qc["mapping_rate"],
-                "mapped_counts_fraction": round(float(np.mean([f["mapped_counts_fraction"] for f in files])), 4),
+                "mapped_counts_fraction": round(
+                    float(np.mean([f["mapped_counts_fraction"] for f in files])), 4
+                ),
                 "counts_from": ", ".join(sorted({f["counts_source"] for f in files})),
             }
         )
@@ -56,7 +69,9 @@ def corpus_tables(
     for path in sorted(token_mappings):
         species = path.stem
         mapping = pl.read_csv(path)
-        panels = sorted((p for p in panel_reports if p.parent.name == species), key=lambda p: p.stem)
+        panels = sorted(
+            (p for p in panel_reports if p.parent.name == species), key=lambda p: p.stem
+        )
         embeddings = [read_json(p) for p in sorted(embedding_reports) if p.stem == species]
         of_species = datasets.filter(pl.col("species") == species)
         species_rows.append(
@@ -67,7 +82,8 @@ def corpus_tables(
                 "vocabulary_genes": int((~mapping["gene_id"].str.starts_with("<")).sum()),
                 "panels": ", ".join(f"{p.stem} ({read_json(p)['n_genes']} genes)" for p in panels),
                 "gene_embeddings": ", ".join(
-                    f"{e['name']} ({e['n_embedded']} embedded, {e['n_fallback']} fallback)" for e in embeddings
+                    f"{e['name']} ({e['n_embedded']} embedded, {e['n_fallback']} fallback)"
+                    for e in embeddings
                 ),
             }
         )
@@ -116,9 +132,17 @@ def training_figure(metrics_csv: str | Path, out: str | Path, *, title: str) -> 
             column = f"{stage}/{metric}"
             if column not in metrics.columns:
                 continue
-            points = metrics.filter(pl.col(column).is_not_null()).select("step", column).sort("step")
+            points = (
+                metrics.filter(pl.col(column).is_not_null()).select("step", column).sort("step")
+            )
             if points.height:
-                ax.plot(points["step"], points[column], marker="o" if stage == "val" else None, color=colour, label=stage)
+                ax.plot(
+                    points["step"],
+                    points[column],
+                    marker="o" if stage == "val" else None,
+                    color=colour,
+                    label=stage,
+                )
                 summary[f"{stage}_{metric}_first"] = float(points[column][0])
                 summary[f"{stage}_{metric}_last"] = float(points[column][-1])
         ax.set_xlabel("step")
@@ -126,7 +150,11 @@ def training_figure(metrics_csv: str | Path, out: str | Path, *, title: str) -> 
         ax.legend(frameon=False)
     lr_columns = [c for c in metrics.columns if c.startswith("lr-")]
     if lr_columns:
-        points = metrics.filter(pl.col(lr_columns[0]).is_not_null()).select("step", lr_columns[0]).sort("step")
+        points = (
+            metrics.filter(pl.col(lr_columns[0]).is_not_null())
+            .select("step", lr_columns[0])
+            .sort("step")
+        )
         axes[2].plot(points["step"], points[lr_columns[0]], color="#555555")
     axes[2].set_xlabel("step")
     axes[2].set_ylabel("learning rate")
@@ -144,7 +172,9 @@ def label_key(obs: pd.DataFrame) -> str | None:
     return None
 
 
-def knn_accuracy(X: np.ndarray, labels: np.ndarray, *, k: int = 15, folds: int = 5, seed: int = 0) -> float:
+def knn_accuracy(
+    X: np.ndarray, labels: np.ndarray, *, k: int = 15, folds: int = 5, seed: int = 0
+) -> float:
     """Mean k-nearest-neighbour label accuracy over stratified cross-validation folds."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
@@ -169,7 +199,13 @@ def pca_baseline(adata: ad.AnnData, n_components: int = 50) -> np.ndarray:
 
 
 def embedding_report(
-    h5ad_dirs: dict[str, Path], species: dict[str, str], model_dir: str | Path, out_png: str | Path, *, k: int = 15, seed: int = 0
+    h5ad_dirs: dict[str, Path],
+    species: dict[str, str],
+    model_dir: str | Path,
+    out_png: str | Path,
+    *,
+    k: int = 15,
+    seed: int = 0,
 ) -> pl.DataFrame:
     """UMAPs of the model's cell embeddings, coloured by label, and kNN accuracies vs PCA.
 
@@ -187,9 +223,13 @@ def embedding_report(
             if key is None or adata.n_obs < 20:
                 continue
             labels = adata.obs[key].astype(str).to_numpy()
-            log.info("%s/%s: embedding %d cells labelled by %s", dataset, path.name, adata.n_obs, key)
+            log.info(
+                "%s/%s: embedding %d cells labelled by %s", dataset, path.name, adata.n_obs, key
+            )
             z = embed_cells(model_dir, adata, species=species[dataset])
-            view = ad.AnnData(obs=pd.DataFrame({key: pd.Categorical(labels)}, index=adata.obs_names))
+            view = ad.AnnData(
+                obs=pd.DataFrame({key: pd.Categorical(labels)}, index=adata.obs_names)
+            )
             view.obsm["X_model"] = z
             sc.pp.neighbors(view, use_rep="X_model", n_neighbors=k, random_state=seed)
             sc.tl.umap(view, random_state=seed)
@@ -201,7 +241,9 @@ def embedding_report(
                     "n_cells": adata.n_obs,
                     "n_labels": len(set(labels)),
                     "knn_accuracy_model": round(knn_accuracy(z, labels, k=k, seed=seed), 4),
-                    "knn_accuracy_pca": round(knn_accuracy(pca_baseline(adata), labels, k=k, seed=seed), 4),
+                    "knn_accuracy_pca": round(
+                        knn_accuracy(pca_baseline(adata), labels, k=k, seed=seed), 4
+                    ),
                     "_umap": view.obsm["X_umap"],
                     "_labels": labels,
                 }
@@ -229,7 +271,12 @@ def embedding_report(
     fig.savefig(out_png, dpi=90, metadata={"Software": None})
     plt.close(fig)
     schema = {
-        "dataset": pl.Utf8, "file": pl.Utf8, "label_key": pl.Utf8, "n_cells": pl.Int64, "n_labels": pl.Int64,
-        "knn_accuracy_model": pl.Float64, "knn_accuracy_pca": pl.Float64,
+        "dataset": pl.Utf8,
+        "file": pl.Utf8,
+        "label_key": pl.Utf8,
+        "n_cells": pl.Int64,
+        "n_labels": pl.Int64,
+        "knn_accuracy_model": pl.Float64,
+        "knn_accuracy_pca": pl.Float64,
     }
     return pl.DataFrame([{c: p[c] for c in schema} for p in panels], schema=schema)

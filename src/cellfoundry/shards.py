@@ -139,6 +139,12 @@ def write_dataset_shards(
     return manifest
 
 
+def shard_folders(root: str | Path) -> list[Path]:
+    """The shard folders of one dataset (`shards/<dataset>`), in its manifest's order."""
+    manifest = read_json(Path(root) / MANIFEST)
+    return [Path(root) / entry["shard"] for entry in manifest["shards"]]
+
+
 def shard_manifest(splits: pl.DataFrame, shard_roots: dict[str, Path]) -> pl.DataFrame:
     """Join the split manifest with the per-dataset shard manifests: one row per (split, file).
 

@@ -143,6 +143,11 @@ EMBEDDINGS = sorted(config["embeddings"])
 TRAIN_RUN = config["train"]["run"]
 
 
+def species_shards(wildcards):
+    """The shard folders of a species' datasets: a gene embedding depends on nothing else."""
+    return expand(out("shards/{dataset}"), dataset=datasets_of(wildcards.species))
+
+
 def embedding_settings(wildcards):
     return as_json(config["embeddings"][wildcards.embedding])
 

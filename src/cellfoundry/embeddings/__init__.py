@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class EmbeddingInputs:
-    """What a method may use: the species' vocabulary, its training shards, a seed."""
+    """What a method may use: the species' vocabulary, the shards of its datasets, a seed."""
 
     species: str
     token_mapping: TokenMapping

@@ -17,6 +17,7 @@ with a seeded choice, so the result depends on the seed and the corpus only.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,7 @@ def embed(inputs: EmbeddingInputs, settings: dict[str, Any]) -> GeneEmbeddings:
     column[chosen] = np.arange(len(chosen))
 
     cooccurrence = np.zeros((len(chosen), len(chosen)), dtype=np.float64)
+    start, done = time.perf_counter(), 0
     for chunk in _chunks(cells, settings["chunk_cells"]):
         batch = collection.gather(chunk)
         cols = column[batch.tokens]
@@ -79,6 +81,11 @@ def embed(inputs: EmbeddingInputs, settings: dict[str, Any]) -> GeneEmbeddings:
             shape=(len(batch), len(chosen)),
         )
         cooccurrence += (X.T @ X).toarray()
+        done += len(chunk)
+        log.info(
+            "%s: co-expression %d/%d cells (%.0f cells/s)",
+            inputs.species, done, len(cells), done / max(time.perf_counter() - start, 1e-9),
+        )
     log.info("%s: co-expression of %d genes over %d cells", inputs.species, len(chosen), len(cells))
 
     vectors = ppmi_svd(

@@ -115,6 +115,8 @@ class BatchPlan:
     cells of similar length share a batch: each run of `LENGTH_WINDOW` shuffled batches is
     sorted by cell length before it is cut into batches, and the batches are shuffled again,
     so padding shrinks while every epoch still visits every cell once in random batches.
+    With `drop_last=False` (validation) a group's last, smaller batch is kept, so a split
+    smaller than one batch still gets evaluated; it must hold at least `min_cells` cells.
     """
 
     LENGTH_WINDOW = 64
@@ -127,10 +129,13 @@ class BatchPlan:
         seed: int,
         within_dataset: bool = False,
         length_grouped: bool = False,
+        drop_last: bool = True,
+        min_cells: int = 1,
     ) -> None:
         self.global_batch = global_batch
         self.seed = seed
         self.within_dataset = within_dataset
+        self.drop_last, self.min_cells = drop_last, min_cells
         self.lengths = data.collection.cell_lengths() if length_grouped else None
         ranges = data.collection.shard_ranges()
         groups: dict[int, list[np.ndarray]] = {}
@@ -139,7 +144,7 @@ class BatchPlan:
                 np.arange(start, stop)
             )
         self.groups = [np.concatenate(groups[k]) for k in sorted(groups)]
-        self.batches_per_epoch = sum(len(g) // global_batch for g in self.groups)
+        self.batches_per_epoch = sum(self._n_batches(len(g)) for g in self.groups)
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"no batch of {global_batch} cells fits: the largest group has {max(len(g) for g in self.groups)} cells"
@@ -153,7 +158,7 @@ class BatchPlan:
             batches = []
             for group in self.groups:
                 order = rng.permutation(group)
-                n = len(order) // self.global_batch
+                n = self._n_batches(len(order))
                 if self.lengths is not None:
                     window = self.global_batch * self.LENGTH_WINDOW
                     order = np.concatenate(
@@ -168,6 +173,10 @@ class BatchPlan:
             self._plan = [batches[i] for i in rng.permutation(len(batches))]
             self._epoch = epoch
         return self._plan
+
+    def _n_batches(self, n_cells: int) -> int:
+        full, rest = divmod(n_cells, self.global_batch)
+        return full + int(not self.drop_last and rest >= self.min_cells)
 
     def batch(self, k: int) -> np.ndarray:
         """Global batch number k of the run."""
@@ -199,8 +208,8 @@ class PlannedBatches(Sampler):
         k = self.start
         while self.limit is None or k < self.limit:
             cells = self.plan.batch(k)
-            per_rank = len(cells) // self.world_size
-            yield k, cells[self.rank * per_rank : (self.rank + 1) * per_rank]
+            # Equal slices for full batches; a last validation batch splits as evenly as it can.
+            yield k, np.array_split(cells, self.world_size)[self.rank]
             k += 1
 
     def __len__(self) -> int:
@@ -370,6 +379,8 @@ class ShardDataModule(L.LightningDataModule):
             self.batch_size * world,
             seed=derive_seed(self.seed, "val"),
             within_dataset=self.within_dataset,
+            drop_last=False,
+            min_cells=world,
         )
         sampler = PlannedBatches(
             plan, rank=rank, world_size=world, limit=min(self.val_batches, plan.batches_per_epoch)

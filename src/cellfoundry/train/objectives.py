@@ -136,7 +136,12 @@ class BinnedMLM:
             cell_loss, cell_accuracy = math.masked_cross_entropy(
                 model.predict_from_cell(cell, batch["tokens"][mask]), targets
             )
-            out |= {"loss": loss + cell_loss, "mlm_loss": loss, "cell_loss": cell_loss, "cell_accuracy": cell_accuracy}
+            out |= {
+                "loss": loss + cell_loss,
+                "mlm_loss": loss,
+                "cell_loss": cell_loss,
+                "cell_accuracy": cell_accuracy,
+            }
         return out
 
 

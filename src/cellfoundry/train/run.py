@@ -200,7 +200,9 @@ def build(
     # The binned model's cell embedding is its <cls> output, trained by the GEPC head.
     cell_head = name == "binned_mlm" and settings["cell_objective"]
     pooling = settings["pooling"] or ("cls" if cell_head else "mean")
-    model_config = ModelConfig(objective=name, encoder=encoder, n_bins=n_bins, pooling=pooling, cell_head=cell_head)
+    model_config = ModelConfig(
+        objective=name, encoder=encoder, n_bins=n_bins, pooling=pooling, cell_head=cell_head
+    )
     optimizer = OptimizerConfig(
         **{**settings["optimizer"], "betas": tuple(settings["optimizer"]["betas"])},
         max_steps=settings["max_steps"],

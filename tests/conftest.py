@@ -21,6 +21,25 @@ from cellfoundry.reference import GeneReference, load_bundled
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# A tiny model trained briefly: tests check the pipeline, not the science.
+TINY_TRAIN = {
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_len": 64},
+    "batch_size": 8,
+    "max_steps": 30,
+    "val_every_n_steps": 10,
+    "val_batches": 2,
+    "checkpoint_every_n_steps": 10,
+    "log_every_n_steps": 5,
+    "optimizer": {"warmup_steps": 5, "lr": 0.003},
+}
+# A small project: a small demo corpus, small gene embeddings and panels, the tiny model.
+SMALL_PROJECT = {
+    "demo": {"n_cells": 120},
+    "embeddings": {"coexpression": {"method": "coexpression", "dim": 16}},
+    "panels": {"hvg": {"n_top_genes": 200}},
+    "train": TINY_TRAIN,
+}
+
 
 @pytest.fixture(scope="session")
 def repo() -> Path:

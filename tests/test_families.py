@@ -19,7 +19,8 @@ from cellfoundry.inference import embed_h5ad, sample_cells
 from cellfoundry.train.data import BatchPlan, CellNoise, VocabularyLayout, open_split
 from cellfoundry.train.presets import PRESETS
 from cellfoundry.train.run import TrainInputs, build, train
-from test_train import TINY, inputs_of, mappings_of, settings
+from conftest import TINY_TRAIN
+from test_train import inputs_of, mappings_of, settings
 
 
 def family_inputs(corpus) -> TrainInputs:
@@ -180,7 +181,7 @@ def test_two_ddp_processes_match_one_process(tiny_corpus, tmp_path):
         [
             *command,
             "--settings",
-            json.dumps({**base, "batch_size": TINY["batch_size"] // 2}),
+            json.dumps({**base, "batch_size": TINY_TRAIN["batch_size"] // 2}),
             "--devices",
             "2",
             "--run-dir",

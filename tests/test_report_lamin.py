@@ -17,23 +17,9 @@ import numpy as np
 import pytest
 
 from cellfoundry.demo import DEMO_DATASETS
-from conftest import REPO, Project, run
+from conftest import REPO, SMALL_PROJECT, Project, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.lamin]
-
-TINY = {
-    "demo": {"n_cells": 120},
-    "embeddings": {"coexpression": {"method": "coexpression", "dim": 16}},
-    "panels": {"hvg": {"n_top_genes": 200}},
-    "train": {
-        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_len": 64},
-        "batch_size": 8,
-        "max_steps": 30,
-        "val_every_n_steps": 10,
-        "val_batches": 2,
-        "checkpoint_every_n_steps": 10,
-    },
-}
 
 SOURCE = """
 import sys
@@ -79,7 +65,7 @@ def project(tmp_path_factory) -> Project:
         "source_instance": "anonymous/corpus",
         "source_settings_dir": str(settings),
     }
-    project = Project(root, rows, {**TINY, "lamin": lamin})
+    project = Project(root, rows, {**SMALL_PROJECT, "lamin": lamin})
     result = project.snakemake(timeout=2400)
     assert result.returncode == 0, result.stdout[-6000:]
     report = project.snakemake("--report", str(root / "report.html"))

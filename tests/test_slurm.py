@@ -18,27 +18,14 @@ from pathlib import Path
 import pytest
 
 from cellfoundry.demo import DEMO_DATASETS
-from conftest import REPO, Project
+from conftest import REPO, SMALL_PROJECT, Project
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 PROFILE = "profiles/slurm"
 FAST_POLLING = ("--slurm-init-seconds-before-status-checks", "2")
 # A small corpus and a tiny model: the point is the cluster, not the science.
-CONFIG = {
-    "demo": {"n_cells": 120},
-    "embeddings": {"coexpression": {"method": "coexpression", "dim": 16}},
-    "panels": {"hvg": {"n_top_genes": 200}},
-    "train": {
-        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_len": 64},
-        "batch_size": 8,
-        "max_steps": 20,
-        "val_every_n_steps": 10,
-        "val_batches": 2,
-        "checkpoint_every_n_steps": 10,
-        "log_every_n_steps": 5,
-    },
-}
+CONFIG = SMALL_PROJECT
 
 
 def cluster_env(cluster) -> dict[str, str]:

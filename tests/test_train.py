@@ -29,21 +29,11 @@ from cellfoundry.train.export import gene_embedding_matrix, load_pretrained
 from cellfoundry.train.run import TrainInputs, build, train
 from cellfoundry.train.system import OptimizerConfig, lr_factor, parameter_groups
 from cellfoundry.vocabulary import read_token_mapping
-
-TINY = {
-    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_len": 64},
-    "batch_size": 8,
-    "max_steps": 30,
-    "val_every_n_steps": 10,
-    "val_batches": 2,
-    "checkpoint_every_n_steps": 10,
-    "log_every_n_steps": 5,
-    "optimizer": {"warmup_steps": 5, "lr": 0.003},
-}
+from conftest import TINY_TRAIN
 
 
 def settings(**changes) -> dict:
-    values = json.loads(json.dumps(TINY))
+    values = json.loads(json.dumps(TINY_TRAIN))
     for key, value in changes.items():
         apply_overrides(values, [f"{key}={json.dumps(value)}"])
     return section_defaults("train", values)

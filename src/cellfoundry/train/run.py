@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -79,6 +81,55 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     """The most recent checkpoint of a run: periodic ones and Slurm requeue (`hpc_ckpt_*`) ones."""
     candidates = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+class SlurmRequeue(Callback):
+    """Checkpoint and requeue on Slurm's warning signal, at a step boundary, all ranks together.
+
+    `--signal=SIGUSR1@N` warns a job N seconds before its time limit. Lightning's own handler
+    saves the checkpoint inside the signal handler, wherever each rank happens to be; with DDP
+    one rank can then wait in the checkpoint's barrier while another waits in a gradient
+    all-reduce, and the job hangs until it is killed. Here the handler only raises a flag; after
+    every training step the ranks agree on it (a one-element all-reduce), all save
+    `hpc_ckpt_<step>.ckpt` together, rank 0 calls `scontrol requeue`, and the ranks wait for
+    Slurm to stop them. The requeued job resumes from that checkpoint (`newest_checkpoint`).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.requested = False
+        signal.signal(signal.SIGUSR1, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        flag = torch.tensor([float(self.requested)], device=module.device)
+        if trainer.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        path = self.run_dir / f"hpc_ckpt_{trainer.global_step}.ckpt"
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            job = os.environ["SLURM_JOB_ID"]
+            result = subprocess.call(["scontrol", "requeue", job])
+            log.info(
+                "saved %s on Slurm's signal; requeue of job %s %s",
+                path,
+                job,
+                "done" if result == 0 else f"failed ({result})",
+            )
+        trainer.strategy.barrier()
+        while True:  # Slurm stops the job and starts it again; nothing more to do here
+            time.sleep(5)
 
 
 class Throughput(Callback):
@@ -274,6 +325,11 @@ def train(
                     missing_ok=True
                 )
         resume = None
+    # Under Slurm, our SIGUSR1 handler is in place before anything slow (see SlurmRequeue).
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    under_slurm = SLURMEnvironment.detect()
+    requeue = [SlurmRequeue(run_dir)] if under_slurm else []
     L.seed_everything(derive_seed(seed, "model") % 2**32, workers=True, verbose=False)
     system, data, layout = build(settings, inputs, seed=seed)
     if settings["compile"]:
@@ -326,7 +382,9 @@ def train(
             checkpoints,
             LearningRateMonitor(logging_interval="step"),
             Throughput(settings["log_every_n_steps"], not interactive),
+            *requeue,
         ],
+        plugins=[SLURMEnvironment(auto_requeue=False)] if under_slurm else None,
         logger=loggers,
         default_root_dir=run_dir,
         enable_progress_bar=interactive,

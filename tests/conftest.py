@@ -430,7 +430,11 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
                 "--token-mapping",
                 str(token_mappings[species_name]),
                 "--shards",
-                *[str(project / "shards" / n) for n, d in datasets.items() if d.species == species_name],
+                *[
+                    str(project / "shards" / n)
+                    for n, d in datasets.items()
+                    if d.species == species_name
+                ],
                 "--settings",
                 json.dumps({"method": "coexpression", "dim": 16}),
                 "--out",

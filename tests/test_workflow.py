@@ -364,7 +364,6 @@ def test_real_datasets_run_through_the_workflow(project_factory, shared_data, tm
     assert project.planned_jobs() == {}
 
 
-
 def shared_data_splits(folder: Path, rows: list[dict[str, object]], val: str) -> dict[str, object]:
     """One scConcept split file per dataset (interpolated source_path); `val` is validation."""
     import yaml

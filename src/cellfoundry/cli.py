@@ -541,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--species", required=True)
     p.add_argument("--token-mapping", required=True)
-    p.add_argument("--shards", nargs="+", required=True, help="the species' shards/<dataset> folders")
+    p.add_argument(
+        "--shards", nargs="+", required=True, help="the species' shards/<dataset> folders"
+    )
     p.add_argument("--settings", required=True, help="method settings including 'method' (JSON)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

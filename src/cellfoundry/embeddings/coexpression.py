@@ -84,7 +84,10 @@ def embed(inputs: EmbeddingInputs, settings: dict[str, Any]) -> GeneEmbeddings:
         done += len(chunk)
         log.info(
             "%s: co-expression %d/%d cells (%.0f cells/s)",
-            inputs.species, done, len(cells), done / max(time.perf_counter() - start, 1e-9),
+            inputs.species,
+            done,
+            len(cells),
+            done / max(time.perf_counter() - start, 1e-9),
         )
     log.info("%s: co-expression of %d genes over %d cells", inputs.species, len(chosen), len(cells))
 

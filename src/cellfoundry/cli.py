@@ -8,10 +8,12 @@ Errors in the input end the command with one line naming the dataset, the file a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cellfoundry.errors import CellfoundryError
@@ -69,31 +71,33 @@ def _preprocess(args: argparse.Namespace) -> None:
         Path(args.qc_plot),
         Path(args.provenance),
     )
-    source = args.input
-    if source.startswith("lamin://"):
-        from cellfoundry.lamin import connect, resolve_source
-
-        connect(args.lamin_instance or None, settings_dir=args.lamin_settings_dir or None)
-        source = _materialised_folder(args.dataset, resolve_source(source))
-    preprocess_dataset(
-        args.dataset,
-        args.species,
-        source,
-        reference,
-        PreprocessSettings.from_dict(settings),
-        outputs,
-        config_slice={"input": args.input, "preprocess": settings},
-    )
+    with _dataset_source(args) as source:
+        preprocess_dataset(
+            args.dataset,
+            args.species,
+            source,
+            reference,
+            PreprocessSettings.from_dict(settings),
+            outputs,
+            config_slice={"input": args.input, "preprocess": settings},
+        )
 
 
-def _materialised_folder(dataset: str, files: list[Path]) -> Path:
-    """A folder of links to LaminDB's cached files, named as the pipeline expects."""
-    import tempfile
+@contextlib.contextmanager
+def _dataset_source(args: argparse.Namespace) -> Iterator[Path]:
+    """The dataset's file or folder; a LaminDB reference becomes a temporary folder of links
+    to the artifacts' files, named as the pipeline expects."""
+    if not args.input.startswith("lamin://"):
+        yield Path(args.input)
+        return
+    from cellfoundry.lamin import connect, resolve_source
 
-    folder = Path(tempfile.mkdtemp(prefix=f"cellfoundry-{dataset}-"))
-    for file in files:
-        (folder / file.name).symlink_to(file.resolve())
-    return folder
+    connect(args.lamin_instance or None, settings_dir=args.lamin_settings_dir or None)
+    files = resolve_source(args.input)
+    with tempfile.TemporaryDirectory(prefix=f"cellfoundry-{args.dataset}-") as folder:
+        for file in files:
+            (Path(folder) / file.name).symlink_to(file.resolve())
+        yield Path(folder)
 
 
 @command("gene-stats")

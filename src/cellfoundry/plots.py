@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +27,7 @@ def plot_qc(dataset: str, metrics: list[pd.DataFrame], settings: Any, path: str 
     `metrics` holds one table per file with columns total_counts, n_genes_by_counts,
     mito_fraction and kept.
     """
-    plt = _pyplot()
+    plt = pyplot()
     table = pd.concat(metrics, ignore_index=True)
     kept = table["kept"].to_numpy()
     panels = [

@@ -122,11 +122,6 @@ def read_reference(species: str, path: str | Path) -> GeneReference:
     return GeneReference(species, str(path), pl.read_parquet(path))
 
 
-def strip_version(gene_ids: np.ndarray) -> np.ndarray:
-    """Drop Ensembl version suffixes (`ENSG00000141510.18` -> `ENSG00000141510`)."""
-    return np.array([re.sub(r"\.\d+$", "", str(g)) for g in gene_ids], dtype=object)
-
-
 def symbol_index(reference: GeneReference) -> dict[str, str]:
     """Map gene symbols to Ensembl IDs, resolving duplicated symbols deterministically.
 

@@ -20,7 +20,7 @@ import pandas as pd
 import polars as pl
 
 from cellfoundry.io import read_json
-from cellfoundry.plots import _pyplot
+from cellfoundry.plots import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def html_tables(title: str, tables: dict[str, pl.DataFrame], *, note: str = "") 
 def training_figure(metrics_csv: str | Path, out: str | Path, *, title: str) -> dict[str, Any]:
     """Loss, accuracy and learning-rate curves of a run; returns a summary of the curves."""
     metrics = pl.read_csv(metrics_csv)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
     summary: dict[str, Any] = {}
     for ax, metric in zip(axes[:2], ("loss", "accuracy"), strict=True):
@@ -248,7 +248,7 @@ def embedding_report(
                     "_labels": labels,
                 }
             )
-    plt = _pyplot()
+    plt = pyplot()
     n = max(len(panels), 1)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.8), layout="constrained", squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=False):

@@ -53,10 +53,6 @@ class TokenMapping:
         """Rows of genes only (no special tokens)."""
         return self.table.filter(~pl.col("gene_id").is_in(list(SPECIAL_TOKENS)))
 
-    @property
-    def special_ids(self) -> np.ndarray:
-        return self.table.filter(pl.col("gene_id").is_in(list(SPECIAL_TOKENS)))["token"].to_numpy()
-
     def token_of(self, gene_id: str) -> int:
         row = self.table.filter(pl.col("gene_id") == gene_id)
         if row.height == 0:

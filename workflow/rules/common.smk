@@ -209,12 +209,17 @@ def panel_reports():
 # --- LaminDB ---------------------------------------------------------------------------
 
 
-def lamin_source_arguments(wildcards):
-    """Where the preprocess job finds the instance of a lamin:// dataset."""
+def lamin_source_instance(wildcards):
+    """The LaminDB instance of a lamin:// dataset ('' for files: lamindb is not touched)."""
     if not dataset_path(wildcards).startswith("lamin://"):
         return ""
-    lamin = config["lamin"]
-    return f"--lamin-instance '{lamin['source_instance'] or ''}' --lamin-settings-dir '{lamin['source_settings_dir'] or ''}'"
+    return config["lamin"]["source_instance"] or ""
+
+
+def lamin_source_settings(wildcards):
+    if not dataset_path(wildcards).startswith("lamin://"):
+        return ""
+    return config["lamin"]["source_settings_dir"] or ""
 
 
 def lamin_dataset_params(wildcards):

@@ -23,13 +23,15 @@ rule preprocess:
         path=dataset_path,
         species=species_of,
         settings=preprocess_settings,
-        lamin=lamin_source_arguments,
+        lamin_instance=lamin_source_instance,
+        lamin_settings=lamin_source_settings,
         version=preprocess.FORMAT_VERSION,
     shell:
         "python -m cellfoundry preprocess --dataset {wildcards.dataset} --species {params.species} "
-        "--input {params.path:q} --reference '{input.reference}' --settings {params.settings:q} "
+        "--input {params.path:q} --reference={input.reference:q} --settings {params.settings:q} "
         "--h5ad-dir {output.h5ads:q} --gene-stats {output.gene_stats:q} --qc-json {output.qc:q} "
-        "--qc-plot {output.qc_plot:q} --provenance {output.provenance:q} {params.lamin} > {log:q} 2>&1"
+        "--qc-plot {output.qc_plot:q} --provenance {output.provenance:q} --lamin-instance={params.lamin_instance:q} "
+        "--lamin-settings-dir={params.lamin_settings:q} > {log:q} 2>&1"
 
 
 rule gene_stats:

@@ -8,5 +8,5 @@ rule reference:
     conda:
         "../../envs/prep.yaml"
     shell:
-        "python -m cellfoundry reference --species {wildcards.species} --table '{input.table}' "
+        "python -m cellfoundry reference --species {wildcards.species} --table={input.table:q} "
         "--out {output:q} > {log:q} 2>&1"

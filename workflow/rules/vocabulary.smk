@@ -14,5 +14,5 @@ rule vocabulary:
         version=vocabulary.FORMAT_VERSION,
     shell:
         "python -m cellfoundry vocabulary --species {wildcards.species} --stats {input.stats:q} "
-        "--reference {input.reference:q} --min-cells {params.min_cells} --import '{input.source}' "
+        "--reference {input.reference:q} --min-cells {params.min_cells} --import={input.source:q} "
         "--out {output:q} > {log:q} 2>&1"

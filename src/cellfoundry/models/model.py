@@ -7,7 +7,7 @@ the export writes its state dict, and `load_pretrained` gives it back for infere
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -48,7 +48,6 @@ class ModelConfig:
     projection_dim: int = 128
     pooling: Literal["cls", "mean"] = "cls"
     cell_head: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "encoder": asdict(self.encoder)}

@@ -435,11 +435,3 @@ def train(
         )
         log.info("exported the model after %d steps to %s", trainer.global_step, export_dir)
     return export_dir
-
-
-def cells_per_second(run_dir: str | Path) -> float:
-    """Median logged training throughput of a run (from its CSV metrics)."""
-    metrics = pl.read_csv(Path(run_dir) / "logs" / "metrics.csv")
-    if "train/cells_per_s" not in metrics.columns:
-        return float("nan")
-    return float(np.nanmedian(metrics["train/cells_per_s"].drop_nulls().to_numpy()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -382,3 +383,44 @@ def shared_data_splits(folder: Path, rows: list[dict[str, object]], val: str) ->
         (folder / f"{row['dataset']}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
     names = [str(r["dataset"]) for r in rows]
     return {"dir": str(folder), "train": names, "val": [val]}
+
+
+# Last: it retrains the demo project with other settings.
+def test_interrupted_training_rule_resumes_when_rerun(demo_project):
+    """Kill Snakemake (and its training job) after the first checkpoint; the rerun resumes."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    longer = demo_project.write(
+        demo_project.datasets,
+        {**FAST, "train": {**FAST["train"], "max_steps": 100}},
+        name="-longer",
+    )
+    run_dir = demo_project.results / "model_checkpoints" / "demo"
+    process = subprocess.Popen(
+        demo_project.command(config=longer), cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 900
+    fingerprint = run_dir / "fingerprint.json"
+    before = fingerprint.read_text()
+    # Wait for a checkpoint of the new run (the fingerprint changes when it starts afresh).
+    while not (fingerprint.read_text() != before and list(run_dir.glob("checkpoints/step*.ckpt"))):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = max(int(p.stem.removeprefix("step")) for p in run_dir.glob("checkpoints/step*.ckpt"))
+    assert saved < 100
+
+    # A killed Snakemake leaves its lock behind; the local profile reruns incomplete jobs.
+    assert demo_project.snakemake("--unlock", config=longer).returncode == 0
+    result = demo_project.snakemake(config=longer)
+    assert result.returncode == 0, result.stdout[-4000:]
+    log = (demo_project.results / "logs" / "train" / "demo.log").read_text()
+    assert re.search(r"resuming from \S+/checkpoints/step\d{7}\.ckpt", log), log[-3000:]
+    first_step = int(re.search(r"step (\d+)/100", log).group(1))
+    assert first_step > saved - 1  # continued, not from step 0
+    assert json.loads((run_dir / "final" / "config.json").read_text())["steps"] == 100

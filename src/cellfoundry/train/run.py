@@ -118,16 +118,22 @@ class SlurmRequeue(Callback):
             return
         path = self.run_dir / f"hpc_ckpt_{trainer.global_step}.ckpt"
         trainer.save_checkpoint(path)
+        requeued = torch.tensor([0.0], device=module.device)
         if trainer.is_global_zero:
             job = os.environ["SLURM_JOB_ID"]
             result = subprocess.call(["scontrol", "requeue", job])
+            requeued.fill_(float(result == 0))
             log.info(
-                "saved %s on Slurm's signal; requeue of job %s %s",
+                "saved %s on Slurm's signal; requeue of job %s: %s",
                 path,
                 job,
                 "done" if result == 0 else f"failed ({result})",
             )
-        trainer.strategy.barrier()
+        if trainer.world_size > 1:
+            torch.distributed.broadcast(requeued, src=0)
+        if requeued.item() == 0:  # keep training; the checkpoint is there for a manual restart
+            self.requested = False
+            return
         while True:  # Slurm stops the job and starts it again; nothing more to do here
             time.sleep(5)
 

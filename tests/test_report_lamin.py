@@ -160,7 +160,7 @@ def test_report_renders_every_plot_in_a_browser(project, browser, tmp_path):
 
     report = project.root / "report.html"
     assert "http://" not in report.read_text().split("<script", 1)[0]  # self-contained head
-    wait = WebDriverWait(browser, 20)
+    wait = WebDriverWait(browser, 60)
     browser.get(report.as_uri())
     wait.until(ec.element_to_be_clickable((By.LINK_TEXT, "1. Quality control")))
     seen: dict[str, int] = {}
@@ -173,9 +173,7 @@ def test_report_renders_every_plot_in_a_browser(project, browser, tmp_path):
             wait.until(ec.presence_of_all_elements_located((By.CSS_SELECTOR, 'a[iconname="eye"]')))
         )
         for i in range(n):
-            browser.find_elements(By.CSS_SELECTOR, 'a[iconname="eye"]')[i].click()
-            # Wait for a result that was not on screen before (an image or an HTML page).
-            shown = wait.until(lambda b: (key := _shown(b)) and key not in shown_before and key)
+            shown = _open(browser, i, shown_before)
             shown_before.add(shown)
             seen[category] = seen.get(category, 0) + 1
             if shown.startswith("iframe"):
@@ -206,16 +204,37 @@ def test_report_renders_every_plot_in_a_browser(project, browser, tmp_path):
     assert pixels.std() > 10
 
 
-def _shown(browser) -> str:
-    """A key of the result on screen: a decoded PNG (by its data) or an HTML page in an iframe;
-    '' while nothing is shown."""
+def _open(browser, i: int, shown_before: set[str], attempts: int = 6) -> str:
+    """Click the i-th result's eye and return the key of what it shows, which must be new.
+
+    A click can land while the page is still re-rendering (a slow machine) and be lost, so an
+    unanswered click is repeated; a result that never shows fails after all attempts."""
+    from selenium.common.exceptions import TimeoutException, WebDriverException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for _ in range(attempts):
+        try:
+            browser.find_elements(By.CSS_SELECTOR, 'a[iconname="eye"]')[i].click()
+            return WebDriverWait(browser, 10).until(lambda b: _new_shown(b, shown_before))
+        except (TimeoutException, WebDriverException):
+            continue
+    raise AssertionError(f"result {i} never showed anything new (seen: {sorted(shown_before)})")
+
+
+def _new_shown(browser, shown_before: set[str]) -> str | bool:
+    """The key of a result on screen that was not shown before, or False."""
+    return next((key for key in _shown(browser) if key not in shown_before), False)
+
+
+def _shown(browser) -> list[str]:
+    """Keys of the results on screen: decoded PNGs (by their data) and HTML pages in iframes."""
     return browser.execute_script(
         """
-        const image = Array.from(document.images).find(
+        const images = Array.from(document.images).filter(
             i => i.src.startsWith('data:image/png') && i.complete && i.naturalWidth > 100);
-        if (image) return 'img:' + image.src.length + ':' + image.src.slice(-64);
-        const frame = document.querySelector('iframe');
-        if (frame) return 'iframe:' + frame.src.length + ':' + frame.src.slice(-64);
-        return '';
+        const frames = Array.from(document.querySelectorAll('iframe'));
+        return images.map(i => 'img:' + i.src.length + ':' + i.src.slice(-64)).concat(
+            frames.map(f => 'iframe:' + f.src.length + ':' + f.src.slice(-64)));
         """
     )

@@ -209,7 +209,7 @@ def _open(browser, i: int, shown_before: set[str], attempts: int = 6) -> str:
 
     A click can land while the page is still re-rendering (a slow machine) and be lost, so an
     unanswered click is repeated; a result that never shows fails after all attempts."""
-    from selenium.common.exceptions import TimeoutException, WebDriverException
+    from selenium.common.exceptions import WebDriverException  # TimeoutException included
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -217,7 +217,7 @@ def _open(browser, i: int, shown_before: set[str], attempts: int = 6) -> str:
         try:
             browser.find_elements(By.CSS_SELECTOR, 'a[iconname="eye"]')[i].click()
             return WebDriverWait(browser, 10).until(lambda b: _new_shown(b, shown_before))
-        except (TimeoutException, WebDriverException):
+        except WebDriverException:
             continue
     raise AssertionError(f"result {i} never showed anything new (seen: {sorted(shown_before)})")
 

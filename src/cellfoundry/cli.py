@@ -8,12 +8,10 @@ Errors in the input end the command with one line naming the dataset, the file a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cellfoundry.errors import CellfoundryError
@@ -59,64 +57,82 @@ def _demo(args: argparse.Namespace) -> None:
 
 @command("preprocess")
 def _preprocess(args: argparse.Namespace) -> None:
-    from cellfoundry.preprocess import DatasetOutputs, PreprocessSettings, preprocess_dataset
-    from cellfoundry.reference import read_reference
+    from cellfoundry.errors import DatasetError
+    from cellfoundry.preprocess import FileOutputs, PreprocessSettings, preprocess_file
+    from cellfoundry.reference import bundled_species, read_reference
+    from cellfoundry.sources import dataset_sources
+
+    sources = dataset_sources(args.dataset, args.input).by_name()
+    if args.file not in sources:
+        raise DatasetError(
+            args.dataset, args.input, f"has no input named '{args.file}' any more (plan again)"
+        )
+    source = sources[args.file]
+    if not args.reference:
+        raise DatasetError(
+            args.dataset,
+            source.path,
+            f"species '{args.species}' has no gene reference (bundled: {', '.join(bundled_species())}); "
+            f"add a table under reference.tables.{args.species} in the config",
+        )
+    outputs = FileOutputs(
+        Path(args.h5ad), Path(args.shard), Path(args.gene_stats), Path(args.qc), Path(args.cells)
+    )
+    preprocess_file(
+        args.dataset,
+        args.species,
+        source,
+        read_reference(args.species, args.reference),
+        PreprocessSettings.from_dict(_json(args.settings)),
+        outputs,
+        n_bins=args.n_bins,
+        block_cells=args.block_cells,
+        exact_max_cells=args.exact_max_cells,
+    )
+
+
+@command("aggregate")
+def _aggregate(args: argparse.Namespace) -> None:
+    from cellfoundry.preprocess import DatasetOutputs, PreprocessSettings, aggregate_dataset
 
     settings = _json(args.settings)
-    reference = read_reference(args.species, args.reference) if args.reference else None
-    outputs = DatasetOutputs(
-        Path(args.h5ad_dir),
-        Path(args.gene_stats),
-        Path(args.qc_json),
-        Path(args.qc_plot),
-        Path(args.provenance),
+    aggregate_dataset(
+        args.dataset,
+        args.species,
+        args.input,
+        [Path(p) for p in args.file_qc],
+        [Path(p) for p in args.file_stats],
+        [Path(p) for p in args.shards],
+        PreprocessSettings.from_dict(settings),
+        DatasetOutputs(
+            Path(args.gene_stats),
+            Path(args.qc),
+            Path(args.qc_plot),
+            Path(args.provenance),
+            Path(args.shard_manifest),
+        ),
+        reference_source=args.reference_source,
+        config_slice={"input": args.input, "preprocess": settings},
+        exact_max_cells=args.exact_max_cells,
     )
-    with _dataset_source(args) as source:
-        preprocess_dataset(
-            args.dataset,
-            args.species,
-            source,
-            reference,
-            PreprocessSettings.from_dict(settings),
-            outputs,
-            config_slice={"input": args.input, "preprocess": settings},
-        )
-
-
-@contextlib.contextmanager
-def _dataset_source(args: argparse.Namespace) -> Iterator[Path]:
-    """The dataset's file or folder; a LaminDB reference becomes a temporary folder of links
-    to the artifacts' files, named as the pipeline expects."""
-    if not args.input.startswith("lamin://"):
-        yield Path(args.input)
-        return
-    from cellfoundry.lamin import connect, resolve_source
-
-    connect(args.lamin_instance or None, settings_dir=args.lamin_settings_dir or None)
-    files = resolve_source(args.input)
-    with tempfile.TemporaryDirectory(prefix=f"cellfoundry-{args.dataset}-") as folder:
-        for file in files:
-            (Path(folder) / file.name).symlink_to(file.resolve())
-        yield Path(folder)
 
 
 @command("gene-stats")
 def _gene_stats(args: argparse.Namespace) -> None:
-    import polars as pl
-
     from cellfoundry.gene_stats import merge_gene_stats, summarize
     from cellfoundry.io import atomic_outputs
 
-    merged = merge_gene_stats([pl.read_parquet(p) for p in args.inputs])
+    merged = merge_gene_stats(sorted(args.inputs), exact_max_cells=args.exact_max_cells)
     summary = summarize(merged)
     with atomic_outputs(args.out, args.summary) as (out, summary_out):
         merged.write_parquet(out, statistics=False)
         summary.write_parquet(summary_out, statistics=False)
     log.info(
-        "%s: merged statistics of %d datasets, %d genes",
+        "%s: merged statistics of %d datasets, %d genes (%d medians exact)",
         args.species,
         len(args.inputs),
         merged.height,
+        int(summary["median_exact"].sum()),
     )
 
 
@@ -180,29 +196,52 @@ def _panel(args: argparse.Namespace) -> None:
 
 @command("splits")
 def _splits(args: argparse.Namespace) -> None:
+    import numpy as np
+    import polars as pl
+
     from cellfoundry import splits
-    from cellfoundry.io import atomic_outputs
+    from cellfoundry.io import atomic_outputs, read_json
+    from cellfoundry.shards import shard_folders
 
     settings = _json(args.settings)
-    datasets = _json(args.datasets)  # name -> species
     project_path = args.project_path
+    records = [read_json(p) for p in sorted(args.qc)]
+    datasets = {r["dataset"]: r["species"] for r in records}
     loaders = {"train": settings.get("train", []), "val": settings.get("val", [])}
     defaults = {}
+    holdout = pl.DataFrame(schema=splits.HOLDOUT_SCHEMA)
     if not loaders["train"] and not loaders["val"]:
-        files = {
-            name: (
-                species,
-                sorted(
-                    p.name for p in (Path(project_path) / "data" / name / "h5ads").glob("*.h5ad")
-                ),
-            )
-            for name, species in datasets.items()
-        }
-        defaults = splits.default_splits(
-            files, project_path=project_path, seed=args.seed, val_fraction=settings["val_fraction"]
-        )
-        loaders = {"train": sorted(defaults), "val": sorted(defaults)}
+        files = {r["dataset"]: (r["species"], [f["output"] for f in r["files"]]) for r in records}
+        defaults = splits.default_splits(files, project_path=project_path)
+        loaders = {"train": sorted(defaults), "val": []}
         available = defaults
+        frames = []
+        groups = {r["dataset"]: r["shared_barcodes"] for r in records}
+        for manifest in sorted(args.manifests):
+            dataset = Path(manifest).parent.name
+            names = {
+                f"{folder.name}.h5ad": pl.read_parquet(
+                    folder / "obs.parquet", columns=["obs_name"]
+                )["obs_name"].to_numpy()
+                for folder in shard_folders(Path(manifest).parent)
+            }
+            held = splits.holdout_cells(
+                dataset,
+                names,
+                [[f"{name}.h5ad" for name in group] for group in groups.get(dataset, [])],
+                seed=args.seed,
+                val_fraction=settings["val_fraction"],
+                max_cells_per_file=settings["val_max_cells_per_file"],
+            )
+            for file, cells in sorted(held.items()):
+                frames.append(
+                    pl.DataFrame(
+                        {"dataset": dataset, "file": file, "cell": np.asarray(cells, np.int64)},
+                        schema=splits.HOLDOUT_SCHEMA,
+                    )
+                )
+        if frames:
+            holdout = pl.concat(frames)
     else:
         names = {
             item if isinstance(item, str) else item["source"]
@@ -214,20 +253,34 @@ def _splits(args: argparse.Namespace) -> None:
             for name in sorted(names)
         }
     manifest = splits.expand(loaders, available, datasets=datasets)
-    outputs = [args.out] + [Path(args.split_dir) / f"{name}.yaml" for name in sorted(defaults)]
-    with atomic_outputs(*outputs) as (out, *split_files):
+    outputs = [args.out, args.holdout] + [
+        Path(args.split_dir) / f"{name}.yaml" for name in sorted(defaults)
+    ]
+    with atomic_outputs(*outputs) as (out, holdout_out, *split_files):
         manifest.write_parquet(out, statistics=False)
+        holdout.write_parquet(holdout_out, statistics=False)
         for path, name in zip(split_files, sorted(defaults), strict=True):
             path.write_text(splits.split_yaml(defaults[name]))
     counts = manifest.group_by("split").len().sort("split").rows()
     log.info("split manifest: %s", ", ".join(f"{split}: {n} files" for split, n in counts))
-
-
-@command("shards")
-def _shards(args: argparse.Namespace) -> None:
-    from cellfoundry.shards import write_dataset_shards
-
-    write_dataset_shards(args.dataset, args.species, args.h5ad_dir, args.out, n_bins=args.n_bins)
+    if defaults:
+        by_species = (
+            holdout.join(
+                pl.DataFrame({"dataset": list(datasets), "species": list(datasets.values())}),
+                on="dataset",
+            )
+            .group_by("species")
+            .len()
+            .sort("species")
+            .rows()
+        )
+        log.info(
+            "default split: cells held out for validation (val_fraction %s, at most %s per "
+            "file): %s",
+            settings["val_fraction"],
+            settings["val_max_cells_per_file"],
+            ", ".join(f"{species}: {n}" for species, n in by_species) or "none",
+        )
 
 
 @command("shard-manifest")
@@ -237,8 +290,11 @@ def _shard_manifest(args: argparse.Namespace) -> None:
     from cellfoundry.io import atomic_outputs
     from cellfoundry.shards import shard_manifest
 
-    roots = {Path(p).name: Path(p) for p in args.shards}
-    manifest = shard_manifest(pl.read_parquet(args.splits), roots)
+    manifest = shard_manifest(
+        pl.read_parquet(args.splits),
+        [Path(p) for p in args.manifests],
+        holdout=pl.read_parquet(args.holdout),
+    )
     with atomic_outputs(args.out) as (out,):
         manifest.write_parquet(out, statistics=False)
     log.info("shard manifest: %d files, %d cells", manifest.height, manifest["n_cells"].sum())
@@ -255,7 +311,11 @@ def _embeddings(args: argparse.Namespace) -> None:
     inputs = embeddings.EmbeddingInputs(
         species=args.species,
         token_mapping=read_token_mapping(args.species, args.token_mapping),
-        shards=tuple(folder for root in sorted(args.shards) for folder in shard_folders(root)),
+        shards=tuple(
+            folder
+            for manifest in sorted(args.shard_manifests)
+            for folder in shard_folders(Path(manifest).parent)
+        ),
         seed=args.seed,
     )
     method = embeddings.resolve_method(settings.pop("method"))
@@ -381,10 +441,12 @@ def _report_embeddings(args: argparse.Namespace) -> None:
     from cellfoundry.io import atomic_outputs
     from cellfoundry.report import embedding_report, html_tables
 
-    folders = {Path(p).parent.name: Path(p) for p in args.h5ad_dirs}
+    h5ads: dict[str, list[Path]] = {}
+    for path in map(Path, args.h5ads):  # data/<dataset>/h5ads/<file>.h5ad
+        h5ads.setdefault(path.parent.parent.name, []).append(path)
     with atomic_outputs(args.out, args.table, args.html) as (out, table, page):
         accuracies = embedding_report(
-            folders, _json(args.species), args.model, out, k=args.k, seed=args.seed
+            h5ads, _json(args.species), args.model, out, k=args.k, seed=args.seed
         )
         accuracies.write_csv(table, separator="\t")
         note = f"k-nearest-neighbour (k={args.k}) label accuracy, 5-fold cross-validation"
@@ -475,28 +537,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-cells", type=int, default=None, help="cells per dataset (default: each dataset's own)"
     )
 
-    p = sub.add_parser("preprocess", help="preprocess one dataset")
+    p = sub.add_parser("preprocess", help="preprocess one input file of a dataset")
     p.add_argument("--dataset", required=True)
+    p.add_argument("--file", required=True, help="the input's output name (see sources)")
     p.add_argument("--species", required=True)
-    p.add_argument("--input", required=True, help="file, folder or lamin:// reference")
+    p.add_argument("--input", required=True, help="the dataset's file or folder")
     p.add_argument(
         "--reference", default="", help="gene reference parquet ('' when the species has none)"
     )
     p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
-    for name in ("h5ad-dir", "gene-stats", "qc-json", "qc-plot", "provenance"):
+    p.add_argument("--n-bins", type=int, required=True, help="quantile bins of the shard")
+    p.add_argument("--exact-max-cells", type=int, required=True, help="gene_stats.exact_max_cells")
+    p.add_argument(
+        "--block-cells", type=int, default=4096, help="cells read at a time (memory, not results)"
+    )
+    for name in ("h5ad", "shard", "gene-stats", "qc", "cells"):
         p.add_argument(f"--{name}", required=True)
-    p.add_argument(
-        "--lamin-instance", default="", help="instance of a lamin:// input (default: lamindb's own)"
-    )
-    p.add_argument(
-        "--lamin-settings-dir",
-        default="",
-        help="folder whose .lamin/ holds that instance's settings",
-    )
+
+    p = sub.add_parser("aggregate", help="merge the per-file outputs of one dataset")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--species", required=True)
+    p.add_argument("--input", required=True, help="the dataset's file or folder")
+    p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
+    p.add_argument("--exact-max-cells", type=int, required=True)
+    p.add_argument("--reference-source", default="")
+    p.add_argument("--file-qc", nargs="+", required=True)
+    p.add_argument("--file-stats", nargs="+", required=True)
+    p.add_argument("--shards", nargs="+", required=True)
+    for name in ("gene-stats", "qc", "qc-plot", "provenance", "shard-manifest"):
+        p.add_argument(f"--{name}", required=True)
 
     p = sub.add_parser("gene-stats", help="merge per-dataset gene statistics of a species")
     p.add_argument("--species", required=True)
     p.add_argument("--inputs", nargs="+", required=True)
+    p.add_argument("--exact-max-cells", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--summary", required=True)
 
@@ -526,18 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("splits", help="expand split files into the split manifest")
     p.add_argument("--settings", required=True, help="config splits section (JSON)")
-    p.add_argument("--datasets", required=True, help="dataset -> species (JSON)")
+    p.add_argument("--qc", nargs="+", required=True, help="qc/<dataset>/qc.json of every dataset")
+    p.add_argument("--manifests", nargs="+", required=True, help="shards/<dataset>/manifest.json")
     p.add_argument("--project-path", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--holdout", required=True, help="cells held out by the default split")
     p.add_argument("--split-dir", required=True, help="where default split files are written")
-
-    p = sub.add_parser("shards", help="training shards of one dataset")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--species", required=True)
-    p.add_argument("--h5ad-dir", required=True)
-    p.add_argument("--n-bins", type=int, required=True)
-    p.add_argument("--out", required=True)
 
     p = sub.add_parser("embeddings", help="gene embeddings of a species by one method")
     p.add_argument(
@@ -546,7 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--species", required=True)
     p.add_argument("--token-mapping", required=True)
     p.add_argument(
-        "--shards", nargs="+", required=True, help="the species' shards/<dataset> folders"
+        "--shard-manifests",
+        nargs="+",
+        required=True,
+        help="the species' shards/<dataset>/manifest.json",
     )
     p.add_argument("--settings", required=True, help="method settings including 'method' (JSON)")
     p.add_argument("--seed", type=int, default=0)
@@ -630,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report-embeddings", help="UMAPs of cell embeddings by label, kNN accuracy vs PCA"
     )
     p.add_argument("--model", required=True)
-    p.add_argument("--h5ad-dirs", nargs="+", required=True, help="data/<dataset>/h5ads folders")
+    p.add_argument("--h5ads", nargs="+", required=True, help="data/<dataset>/h5ads/<file>.h5ad")
     p.add_argument("--species", required=True, help="dataset -> species (JSON)")
     p.add_argument("--k", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
@@ -664,7 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shard-manifest", help="one manifest of all shards with their splits")
     p.add_argument("--splits", required=True)
-    p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--holdout", required=True, help="manifests/holdout.parquet")
+    p.add_argument("--manifests", nargs="+", required=True, help="shards/<dataset>/manifest.json")
     p.add_argument("--out", required=True)
     return parser
 

@@ -306,6 +306,19 @@ def write_demo_corpus(out_dir: Path, *, seed: int = 0, n_cells: int | None = Non
     return finals
 
 
+def demo_files(out_dir: str | Path) -> list[Path]:
+    """Every file `write_demo_corpus` writes to `out_dir` (a folder dataset's files listed),
+    known before they exist so the workflow can plan a job per file."""
+    out_dir = Path(out_dir)
+    files = []
+    for dataset in DEMO_DATASETS:
+        if dataset.name == "demo_retina":
+            files += [out_dir / dataset.path / name for name in RETINA_FILES]
+        else:
+            files.append(out_dir / dataset.path)
+    return files
+
+
 def demo_dataset_sheet(out_dir: Path) -> pl.DataFrame:
     """The dataset sheet of the demo corpus written to `out_dir`.
 
@@ -396,7 +409,7 @@ def _species_model(species: str, seed: int) -> _SpeciesModel:
         mito_ids=mito["gene_id"].to_numpy().astype(str),
         mito_names=mito["gene_name"].to_numpy().astype(str),
         mito_weights=mito_weights / mito_weights.sum(),
-        retired=_retired_symbols(species, set(symbol_index(reference)), rng),
+        retired=_retired_symbols(species, set().union(*symbol_index(reference)), rng),
     )
 
 

@@ -599,7 +599,7 @@ def _rank_rows(
     indices,
     data,
     total_counts,
-    gene_scale,
+    gene_median,
     max_len,
     target_sum,
     slots,
@@ -610,7 +610,7 @@ def _rank_rows(
 ):
     # Ranks cells lo..hi into out[slots[cell]:], slots sized min(nnz, max_len) per cell;
     # lengths[cell] receives the number of genes kept. Returns the count of bad gene indices.
-    n_var = gene_scale.shape[0]
+    n_var = gene_median.shape[0]
     longest = _max_row_nnz(indptr, lo, hi)
     vals = np.empty(longest, dtype=np.float64)
     bits = vals.view(np.int64)
@@ -637,8 +637,11 @@ def _rank_rows(
             if gene < 0 or gene >= n_var:
                 n_bad += 1
                 continue
-            # Same expression and order as the reference: count / total * target * scale.
-            v = np.float64(data[i]) / total * target_sum * gene_scale[gene]
+            median = gene_median[gene]
+            if not median > 0.0:
+                continue
+            # Geneformer's expression, in its order: count / n_counts * target_sum / median.
+            v = np.float64(data[i]) / total * target_sum / median
             if v > 0.0:
                 vals[m] = v
                 genes[m] = gene
@@ -686,7 +689,7 @@ def _compact(slots, out_indptr, out):
 
 
 @numba.njit(**_JIT)
-def _rank_order_serial(indptr, indices, data, total_counts, gene_scale, max_len, target_sum):
+def _rank_order_serial(indptr, indices, data, total_counts, gene_median, max_len, target_sum):
     n_cells = indptr.shape[0] - 1
     slots = _rank_slots(indptr, max_len)
     out_indptr = np.zeros(n_cells + 1, dtype=np.int64)
@@ -696,7 +699,7 @@ def _rank_order_serial(indptr, indices, data, total_counts, gene_scale, max_len,
         indices,
         data,
         total_counts,
-        gene_scale,
+        gene_median,
         max_len,
         target_sum,
         slots,
@@ -711,7 +714,7 @@ def _rank_order_serial(indptr, indices, data, total_counts, gene_scale, max_len,
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def _rank_order_parallel(
-    indptr, indices, data, total_counts, gene_scale, max_len, target_sum, n_chunks
+    indptr, indices, data, total_counts, gene_median, max_len, target_sum, n_chunks
 ):
     n_cells = indptr.shape[0] - 1
     slots = _rank_slots(indptr, max_len)
@@ -726,7 +729,7 @@ def _rank_order_parallel(
             indices,
             data,
             total_counts,
-            gene_scale,
+            gene_median,
             max_len,
             target_sum,
             slots,
@@ -744,21 +747,21 @@ def _check_rank_inputs(
     indices: np.ndarray,
     data: np.ndarray,
     total_counts: np.ndarray,
-    gene_scale: np.ndarray,
+    gene_median: np.ndarray,
     max_len: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     indptr, indices, data = _check_csr_arrays(indptr, indices, data)
     total_counts = np.ascontiguousarray(total_counts, dtype=np.float64)
-    gene_scale = np.ascontiguousarray(gene_scale, dtype=np.float64)
+    gene_median = np.ascontiguousarray(gene_median, dtype=np.float64)
     if total_counts.shape != (indptr.shape[0] - 1,):
         raise ValueError(
             f"total_counts has shape {total_counts.shape} for {indptr.shape[0] - 1} cells"
         )
-    if gene_scale.ndim != 1 or gene_scale.shape[0] >= 2**31:
-        raise ValueError("gene_scale must be 1-d with fewer than 2**31 genes")
+    if gene_median.ndim != 1 or gene_median.shape[0] >= 2**31:
+        raise ValueError("gene_median must be 1-d with fewer than 2**31 genes")
     if max_len < 0:
         raise ValueError(f"max_len must be >= 0, got {max_len}")
-    return indptr, indices, data, total_counts, gene_scale
+    return indptr, indices, data, total_counts, gene_median
 
 
 def rank_order(
@@ -766,7 +769,7 @@ def rank_order(
     indices: np.ndarray,
     data: np.ndarray,
     total_counts: np.ndarray,
-    gene_scale: np.ndarray,
+    gene_median: np.ndarray,
     max_len: int,
     target_sum: float = 10_000,
     *,
@@ -774,14 +777,14 @@ def rank_order(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank each cell's genes by scaled normalized expression, highest first (Geneformer).
 
-    A gene's value in a cell is ``count / total_counts[cell] * target_sum * gene_scale[gene]``
-    (in that floating-point order). Genes whose value is not positive (zero counts, or
-    ``gene_scale`` 0, e.g. genes outside the vocabulary) are dropped; the rest are sorted by
-    value, descending, and the first ``max_len`` are kept. Equal values are ordered by
-    ascending gene index: Geneformer's own ``np.argsort(-x)`` is an unstable quicksort whose tie
-    order depends on the input layout, so it is replaced by this deterministic rule. (Geneformer
-    also divides by the median where this multiplies by its inverse; the two can differ in the
-    last bit, and so in the order of values that tie to within it.)
+    A gene's value in a cell is ``count / total_counts[cell] * target_sum / gene_median[gene]``,
+    Geneformer's rank-value encoding (Theodoris et al. 2023, `TranscriptomeTokenizer`) in its
+    floating-point order, so values are bit-identical to the tokenizer's. Genes without a
+    positive median (zero or NaN: genes outside the vocabulary, or never seen in the corpus)
+    and zero counts are dropped; the rest are sorted by value, descending, and the first
+    ``max_len`` are kept. Equal values are ordered by ascending gene index: Geneformer's own
+    ``np.argsort(-x)`` is an unstable quicksort whose tie order depends on the input layout,
+    so it is replaced by this deterministic rule.
 
     Used both on whole datasets and by the shard loader on gathered batches: there is no
     Python loop over cells, and per call it allocates only the outputs (``out_indices`` is the
@@ -794,9 +797,9 @@ def rank_order(
         CSR arrays of a cells x genes count matrix.
     total_counts
         Per-cell total counts over all genes (the normalization denominator).
-    gene_scale
-        Per-gene factor, 1 / non-zero median over the corpus; 0 excludes the gene. Its
-        length is the number of genes.
+    gene_median
+        Per-gene non-zero median of normalized counts over the corpus; 0 excludes the gene.
+        Its length is the number of genes.
     max_len
         Maximum number of genes kept per cell.
     target_sum
@@ -811,8 +814,8 @@ def rank_order(
     out_indices
         int32 gene indices of each cell in rank order.
     """
-    indptr, indices, data, total_counts, gene_scale = _check_rank_inputs(
-        indptr, indices, data, total_counts, gene_scale, max_len
+    indptr, indices, data, total_counts, gene_median = _check_rank_inputs(
+        indptr, indices, data, total_counts, gene_median, max_len
     )
     if parallel:
         n_chunks = _n_chunks(indptr.shape[0] - 1)
@@ -821,23 +824,23 @@ def rank_order(
             indices,
             data,
             total_counts,
-            gene_scale,
+            gene_median,
             max_len,
             float(target_sum),
             n_chunks,
         )
     else:
         out_indptr, out_indices, n_bad = _rank_order_serial(
-            indptr, indices, data, total_counts, gene_scale, max_len, float(target_sum)
+            indptr, indices, data, total_counts, gene_median, max_len, float(target_sum)
         )
     if n_bad:
-        raise ValueError(f"{n_bad} column indices are outside [0, {gene_scale.shape[0]})")
+        raise ValueError(f"{n_bad} column indices are outside [0, {gene_median.shape[0]})")
     return out_indptr, out_indices
 
 
 def rank_order_matrix(
     X: sp.csr_matrix | sp.csr_array,
-    gene_scale: np.ndarray,
+    gene_median: np.ndarray,
     max_len: int,
     *,
     total_counts: np.ndarray | None = None,
@@ -850,7 +853,7 @@ def rank_order_matrix(
     ----------
     X
         Raw counts, cells x genes, CSR.
-    gene_scale
+    gene_median
         Per-gene factor, 1 / non-zero median; 0 excludes the gene.
     max_len
         Maximum number of genes kept per cell.
@@ -867,8 +870,8 @@ def rank_order_matrix(
         Gene indices of each cell in rank order, as CSR offsets and int32 values.
     """
     X = _as_csr(X)
-    if len(gene_scale) != X.shape[1]:
-        raise ValueError(f"gene_scale has {len(gene_scale)} entries for {X.shape[1]} genes")
+    if len(gene_median) != X.shape[1]:
+        raise ValueError(f"gene_median has {len(gene_median)} entries for {X.shape[1]} genes")
     if total_counts is None:
         total_counts = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
     return rank_order(
@@ -876,7 +879,7 @@ def rank_order_matrix(
         X.indices,
         X.data,
         total_counts,
-        gene_scale,
+        gene_median,
         max_len,
         target_sum,
         parallel=parallel,
@@ -888,7 +891,7 @@ def rank_order_reference(
     indices: np.ndarray,
     data: np.ndarray,
     total_counts: np.ndarray,
-    gene_scale: np.ndarray,
+    gene_median: np.ndarray,
     max_len: int,
     target_sum: float = 10_000,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -903,8 +906,8 @@ def rank_order_reference(
         CSR arrays of a cells x genes count matrix.
     total_counts
         Per-cell normalization totals.
-    gene_scale
-        Per-gene factor; 0 excludes the gene.
+    gene_median
+        Per-gene non-zero median; 0 excludes the gene.
     max_len
         Maximum number of genes kept per cell.
     target_sum
@@ -915,8 +918,8 @@ def rank_order_reference(
     out_indptr, out_indices
         Gene indices of each cell in rank order, as CSR offsets and int32 values.
     """
-    indptr, indices, data, total_counts, gene_scale = _check_rank_inputs(
-        indptr, indices, data, total_counts, gene_scale, max_len
+    indptr, indices, data, total_counts, gene_median = _check_rank_inputs(
+        indptr, indices, data, total_counts, gene_median, max_len
     )
     n_cells = indptr.shape[0] - 1
     out_indptr = np.zeros(n_cells + 1, dtype=np.int64)
@@ -928,8 +931,8 @@ def rank_order_reference(
         genes = genes[in_gene_order]
         counts = data[start:end][in_gene_order].astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            values = counts / total_counts[cell] * target_sum * gene_scale[genes]
-        keep = values > 0
+            values = counts / total_counts[cell] * target_sum / gene_median[genes]
+        keep = (values > 0) & (gene_median[genes] > 0)
         genes, values = genes[keep], values[keep]
         top = np.argsort(-values, kind="stable")[:max_len]
         ranked.append(genes[top].astype(np.int32))

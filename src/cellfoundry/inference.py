@@ -94,7 +94,12 @@ def embed_cells(
             n_bins=config["model"]["n_bins"],
             meta={"dataset": "input", "species": species},
         )
-        collection = ShardCollection([Path(tmp) / "shard"], mappings, medians=medians or None)
+        collection = ShardCollection(
+            [Path(tmp) / "shard"],
+            mappings,
+            medians=medians or None,
+            to_model=layout.local_to_global,
+        )
         data = SplitData(
             collection, layout, np.zeros(1, dtype=int), np.array([species], dtype=object)
         )

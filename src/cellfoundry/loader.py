@@ -1,10 +1,18 @@
 """Random batches of cells from many memory-mapped shards, tokenized as they load.
 
-`ShardCollection` opens every shard of a manifest with `numpy.load(mmap_mode='r')` and serves
-a batch with ONE compiled gather over all shards: the batch's cells are sorted, each cell's
-row is copied from its shard, dataset gene positions are mapped to the species' token ids
-through a per-shard lookup table, and genes outside the vocabulary are dropped. Batches stay
-sparse (flat arrays plus row offsets) until the model's collate pads or packs them.
+`ShardCollection` addresses the cells of many shards (the rows of a split in the shard
+manifest, each a whole shard or a part of it) by one global index and serves a batch with ONE
+compiled gather: the batch's cells are sorted, each cell's entries are copied from its shard,
+the shard's gene positions become token ids through a lookup built once per gene list, and
+genes outside the vocabulary are dropped. Batches stay sparse (flat arrays plus row offsets)
+until the model's collate pads or packs them.
+
+Scale: nothing is opened at start-up. A shard is mapped into memory the first time one of its
+cells is asked for, with the file descriptor closed right after mapping (`map_npy`), so ten
+thousand shards need no open files (`ulimit -n` does not matter) and two memory maps each
+(`vm.max_map_count`, 65,530 by default, allows ~30,000 shards per process). Start-up reads only
+the manifest; memory grows with the shards touched (their per-cell offsets), not with their
+number.
 
 Rank order (Geneformer) needs the species' corpus medians, which change when datasets are
 added; the loader applies them at read time (`rank_batch`), so shards never need rewriting.
@@ -12,9 +20,14 @@ added; the loader applies them at read time (`rank_batch`), so shards never need
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
@@ -23,6 +36,7 @@ from numba.typed import List as TypedList
 
 from cellfoundry.discretize import rank_order
 from cellfoundry.io import read_json
+from cellfoundry.shards import ENTRY, genes_sha256
 from cellfoundry.vocabulary import TokenMapping
 
 
@@ -30,12 +44,12 @@ from cellfoundry.vocabulary import TokenMapping
 class SparseBatch:
     """Cells as flat arrays with row offsets (CSR), in token space."""
 
-    cells: np.ndarray  # int64 [B], global cell ids in the collection
+    cells: np.ndarray  # int64 [B], global cell ids in the collection (sorted)
     offsets: np.ndarray  # int64 [B + 1]
-    tokens: np.ndarray  # int32 [nnz], the species' token ids
+    tokens: np.ndarray  # int32 [nnz], token ids of the collection's token space
     counts: np.ndarray  # int32 [nnz], raw counts
     bins: np.ndarray  # uint8 [nnz], quantile bins
-    shard: np.ndarray  # int32 [B], shard index of each cell
+    shard: np.ndarray  # int32 [B], row (shard) of each cell in the collection
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -45,129 +59,302 @@ class SparseBatch:
         return np.diff(self.offsets)
 
 
-@dataclass(frozen=True)
-class Shard:
-    """One opened shard."""
+# --- memory maps without file descriptors -------------------------------------------------
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_npy(path: str | Path) -> np.ndarray:
+    """A read-only memory map of a `.npy` file that holds no file descriptor.
+
+    `numpy.load(mmap_mode='r')` keeps a descriptor open per array (Python's mmap duplicates
+    it); this maps with libc's `mmap`, closes the descriptor and unmaps when the array (and every
+    view of it) is garbage collected.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        with open(path, "rb") as handle:  # the header only
+            major, _ = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if major == 1
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if fortran and len(shape) > 1:
+            raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+        if nbytes == 0:
+            return np.zeros(shape, dtype=dtype)
+        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address is None or address == _MAP_FAILED:
+            error = ctypes.get_errno()
+            raise OSError(error, f"mmap {path}: {os.strerror(error)}")
+    finally:
+        os.close(fd)
+    buffer = (ctypes.c_uint8 * size).from_address(address)
+    weakref.finalize(buffer, _libc.munmap, address, size)
+    raw = np.frombuffer(buffer, dtype=np.uint8, count=nbytes, offset=offset)
+    return raw.view(dtype).reshape(shape)
+
+
+# --- token lookups ------------------------------------------------------------------------
+
+
+class TokenSpace:
+    """Token ids of genes, per species, and the vocabulary's size.
+
+    The default space is each species' own token mapping (`TokenMapping`); a multi-species
+    model passes `to_model`, per species an array mapping the species' token ids to the
+    model's (`vocabulary.VocabularyLayout.local_to_global`).
+    """
+
+    def __init__(
+        self,
+        mappings: Mapping[str, TokenMapping],
+        to_model: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        self.mappings = dict(mappings)
+        self.to_model = dict(to_model) if to_model is not None else None
+        if self.to_model is None:
+            self.n_tokens = max((m.n_tokens for m in self.mappings.values()), default=0)
+        else:
+            self.n_tokens = int(max((int(a.max()) + 1 for a in self.to_model.values()), default=0))
+
+    def lookup(self, species: str, gene_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """int32 token id of each gene, -1 for genes outside the vocabulary."""
+        local = self.mappings[species].tokens(gene_ids)
+        if self.to_model is None:
+            return local
+        out = np.full(len(local), -1, dtype=np.int32)
+        inside = local >= 0
+        out[inside] = self.to_model[species][local[inside]]
+        return out
+
+    def per_token(self, values: Mapping[str, pl.DataFrame], column: str) -> np.ndarray:
+        """One float64 per token of this space from per-species gene tables (`gene_id`,
+        `column`); 0 for special tokens and genes without a value."""
+        out = np.zeros(self.n_tokens, dtype=np.float64)
+        for species, table in values.items():
+            if species not in self.mappings:
+                continue
+            table = table.filter(pl.col(column).is_not_null() & (pl.col(column) > 0))
+            tokens = self.lookup(species, table["gene_id"].to_numpy())
+            inside = tokens >= 0
+            out[tokens[inside]] = table[column].to_numpy()[inside]
+        return out
+
+
+# --- the collection -----------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
     path: Path
-    meta: dict
-    indptr: np.ndarray
-    indices: np.ndarray
-    counts: np.ndarray
-    bins: np.ndarray
-    total_counts: np.ndarray
-    gene_ids: np.ndarray
-
-    @property
-    def n_cells(self) -> int:
-        return len(self.indptr) - 1
-
-    @property
-    def species(self) -> str:
-        return self.meta["species"]
-
-    @property
-    def dataset(self) -> str:
-        return self.meta["dataset"]
-
-    def obs(self) -> pl.DataFrame:
-        return pl.read_parquet(self.path / "obs.parquet")
-
-
-def open_shard(path: str | Path) -> Shard:
-    """Memory-map a shard written by `cellfoundry.shards.write_shard`."""
-    path = Path(path)
-    arrays = {
-        name: np.load(path / f"{name}.npy", mmap_mode="r")
-        for name in ("indptr", "indices", "counts", "bins")
-    }
-    return Shard(
-        path=path,
-        meta=read_json(path / "shard.json"),
-        total_counts=np.load(path / "total_counts.npy"),
-        gene_ids=pl.read_parquet(path / "var.parquet")["gene_id"].to_numpy(),
-        **arrays,
-    )
+    species: str
+    dataset: str
+    n_cells: int
+    genes_key: str
+    cells: str = "all"  # all | holdout | rest
+    holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 class ShardCollection:
-    """Many shards addressed by one global cell index.
+    """Many shards (or parts of them) addressed by one global cell index.
 
     Parameters
     ----------
     shards
-        Shard folders, in a fixed order (the manifest's).
+        Shard folders, in a fixed order; or a shard manifest table (`shards.shard_manifest`,
+        one split's rows) whose `cells`/`holdout` columns select part of a shard.
     token_mappings
         Token mapping of every species present.
     medians
         Per species, a table with `gene_id` and `nonzero_median` (`gene_stats.summarize`),
         needed only for rank order.
+    to_model
+        Per species, species token id -> model token id (a multi-species vocabulary layout).
     """
 
     def __init__(
         self,
-        shards: Sequence[str | Path],
+        shards: Sequence[str | Path] | pl.DataFrame,
         token_mappings: Mapping[str, TokenMapping],
         *,
         medians: Mapping[str, pl.DataFrame] | None = None,
+        to_model: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        self.shards = [open_shard(p) for p in shards]
-        self.token_mappings = dict(token_mappings)
-        sizes = np.array([s.n_cells for s in self.shards], dtype=np.int64)
-        self.cell_offsets = np.concatenate([[0], np.cumsum(sizes)])
-        self.luts = [self.token_mappings[s.species].tokens(s.gene_ids) for s in self.shards]
-        self._indptr = TypedList([np.asarray(s.indptr) for s in self.shards])
-        self._indices = TypedList([np.asarray(s.indices) for s in self.shards])
-        self._counts = TypedList([np.asarray(s.counts) for s in self.shards])
-        self._bins = TypedList([np.asarray(s.bins) for s in self.shards])
-        self._luts = TypedList(self.luts)
-        self.total_counts = (
-            np.concatenate([s.total_counts for s in self.shards]) if self.shards else np.zeros(0)
+        self.rows = _rows(shards)
+        self.space = TokenSpace(token_mappings, to_model)
+        self.token_mappings = self.space.mappings
+        sizes = np.array([r.n_cells for r in self.rows], dtype=np.int64)
+        self.cell_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.species_of_row = np.array([r.species for r in self.rows], dtype=object)
+        self.dataset_of_row = np.array([r.dataset for r in self.rows], dtype=object)
+        # Rows whose cells are a part of their shard: flat holdout arrays with offsets.
+        self._select_mode = np.array(
+            [{"all": 0, "holdout": 1, "rest": 2}[r.cells] for r in self.rows], dtype=np.int8
         )
-        self._gene_scale: dict[str, np.ndarray] | None = None
-        if medians is not None:
-            self._gene_scale = {
-                species: _token_scale(self.token_mappings[species], table)
-                for species, table in medians.items()
-            }
+        self._held_offsets = np.concatenate(
+            [[0], np.cumsum([len(r.holdout) for r in self.rows])]
+        ).astype(np.int64)
+        self._held = (
+            np.concatenate([r.holdout for r in self.rows]) if self.rows else np.zeros(0, np.int64)
+        )
+        self._held_shifted = self._held - (
+            np.arange(len(self._held))
+            - np.repeat(self._held_offsets[:-1], np.diff(self._held_offsets))
+        )
+        self._median = self.space.per_token(medians, "nonzero_median") if medians else None
+        self._luts: dict[tuple[str, str], np.ndarray] = {}
+        self._mapped: set[int] = set()
+        self._reset_maps()
+
+    def _reset_maps(self) -> None:
+        # Typed lists with a read-only placeholder per row (mapped arrays are read-only).
+        self._indptr = _placeholders(np.zeros(1, dtype=np.int64), len(self.rows))
+        self._entries = _placeholders(np.zeros(0, dtype=ENTRY), len(self.rows))
+        self._lut = _placeholders(np.zeros(0, dtype=np.int32), len(self.rows))
+        self._total: list[np.ndarray | None] = [None] * len(self.rows)
+        self._mapped = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes started by spawn map shards again on first use.
+        state = self.__dict__.copy()
+        for key in ("_indptr", "_entries", "_lut", "_total", "_mapped"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_maps()
 
     def __len__(self) -> int:
         return int(self.cell_offsets[-1])
 
     @property
     def n_shards(self) -> int:
-        return len(self.shards)
+        return len(self.rows)
+
+    def _open(self, row: int) -> None:
+        """Map a shard and build (or reuse) its gene list's token lookup."""
+        info = self.rows[row]
+        self._indptr[row] = map_npy(info.path / "indptr.npy")
+        self._entries[row] = map_npy(info.path / "entries.npy")
+        key = (info.species, info.genes_key)
+        if key not in self._luts:
+            gene_ids = pl.read_parquet(info.path / "var.parquet", columns=["gene_id"])[
+                "gene_id"
+            ].to_numpy()
+            lut = self.space.lookup(info.species, gene_ids)
+            lut.flags.writeable = False
+            self._luts[key] = lut
+        self._lut[row] = self._luts[key]
+        self._mapped.add(row)
+
+    def lookup(self, row: int) -> np.ndarray:
+        """Token id of each gene of a row's shard (-1: outside the vocabulary)."""
+        if row not in self._mapped:
+            self._open(row)
+        return self._lut[row]
 
     def shard_of(self, cells: np.ndarray) -> np.ndarray:
-        """Shard index of each global cell id."""
+        """Row (shard) of each global cell id."""
         return (np.searchsorted(self.cell_offsets, cells, side="right") - 1).astype(np.int32)
 
-    def cell_lengths(self) -> np.ndarray:
-        """Expressed genes per cell (before vocabulary filtering), in global order."""
-        return (
-            np.concatenate([np.diff(np.asarray(s.indptr)) for s in self.shards])
-            if self.shards
-            else np.zeros(0, int)
-        )
+    def local_cells(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Cell index within each shard of the `positions`-th cell of each row."""
+        local = np.asarray(positions, dtype=np.int64).copy()
+        mode = self._select_mode[rows]
+        for r in np.unique(rows[mode != 0]):
+            chosen = rows == r
+            lo, hi = self._held_offsets[r], self._held_offsets[r + 1]
+            if self._select_mode[r] == 1:
+                local[chosen] = self._held[lo:hi][positions[chosen]]
+            else:  # the i-th cell not held out: i plus the held-out cells before it
+                local[chosen] = positions[chosen] + np.searchsorted(
+                    self._held_shifted[lo:hi], positions[chosen], side="right"
+                )
+        return local
 
     def shard_ranges(self) -> list[tuple[int, int]]:
-        """[start, stop) of each shard's cells in the global index."""
+        """[start, stop) of each row's cells in the global index."""
         return [
             (int(a), int(b))
             for a, b in zip(self.cell_offsets[:-1], self.cell_offsets[1:], strict=True)
         ]
+
+    def cell_lengths(self, cells: np.ndarray | None = None) -> np.ndarray:
+        """Expressed genes per cell (before vocabulary filtering), for `cells` (global ids) or
+        all cells (this maps every shard: prefer passing the cells needed)."""
+        cells = np.arange(len(self)) if cells is None else np.asarray(cells, dtype=np.int64)
+        rows = self.shard_of(cells)
+        local = self.local_cells(rows, cells - self.cell_offsets[rows])
+        for r in np.unique(rows):
+            if int(r) not in self._mapped:
+                self._open(int(r))
+        return _lengths(self._indptr, rows, local)
+
+    def total_counts(self, cells: np.ndarray) -> np.ndarray:
+        """Each cell's total count (the normalization's denominator), for global cell ids."""
+        cells = np.asarray(cells, dtype=np.int64)
+        rows = self.shard_of(cells)
+        local = self.local_cells(rows, cells - self.cell_offsets[rows])
+        out = np.empty(len(cells), dtype=np.float64)
+        for r in np.unique(rows):
+            if self._total[r] is None:
+                self._total[r] = map_npy(self.rows[r].path / "total_counts.npy")
+            chosen = rows == r
+            out[chosen] = self._total[r][local[chosen]]
+        return out
 
     def gather(self, cells: np.ndarray) -> SparseBatch:
         """The cells, sorted, with genes as token ids (genes outside the vocabulary dropped)."""
         cells = np.sort(np.asarray(cells, dtype=np.int64))
         if cells.size and (cells[0] < 0 or cells[-1] >= len(self)):
             raise IndexError(f"cell ids must lie in [0, {len(self)})")
-        shard = self.shard_of(cells)
-        local = cells - self.cell_offsets[shard]
-        offsets, tokens, counts, bins = _gather(
-            self._indptr, self._indices, self._counts, self._bins, self._luts, shard, local
-        )
-        return SparseBatch(cells, offsets, tokens, counts, bins, shard)
+        rows = self.shard_of(cells)
+        for r in np.unique(rows):
+            if int(r) not in self._mapped:
+                self._open(int(r))
+        local = self.local_cells(rows, cells - self.cell_offsets[rows])
+        if not cells.size:
+            empty = np.zeros(0, dtype=np.int32)
+            return SparseBatch(
+                cells, np.zeros(1, np.int64), empty, empty, empty.astype(np.uint8), rows
+            )
+        offsets, tokens, counts, bins = _gather(self._indptr, self._entries, self._lut, rows, local)
+        return SparseBatch(cells, offsets, tokens, counts, bins, rows)
+
+    def dropped_genes(self) -> pl.DataFrame:
+        """Per dataset, genes of its shards outside the vocabulary (they are dropped as cells
+        load): dataset, genes, genes_dropped. Reads one gene list per distinct list."""
+        seen: dict[str, tuple[int, int]] = {}
+        for row, info in enumerate(self.rows):
+            lut = self.lookup(row)
+            genes, dropped = seen.get(info.dataset, (0, 0))
+            seen[info.dataset] = (max(genes, len(lut)), max(dropped, int((lut < 0).sum())))
+        return pl.DataFrame(
+            {
+                "dataset": list(seen),
+                "genes": [v[0] for v in seen.values()],
+                "genes_dropped": [v[1] for v in seen.values()],
+            },
+            schema={"dataset": pl.Utf8, "genes": pl.Int64, "genes_dropped": pl.Int64},
+        ).sort("dataset")
 
     def rank_batch(
         self, batch: SparseBatch, *, max_len: int, target_sum: float = 10_000.0
@@ -175,71 +362,97 @@ class ShardCollection:
         """Geneformer rank order of a gathered batch: (offsets, tokens), top `max_len` per cell.
 
         Each gene's value is count / cell total x target_sum / the gene's non-zero median over
-        the species' corpus; tokens are sorted by it, descending (ties by token id).
+        its species' corpus (Theodoris et al. 2023, in that floating-point order); genes
+        without a median are not ranked. Tokens are sorted by value, descending; equal values
+        by ascending token id (a documented, deterministic rule where Geneformer's
+        `np.argsort(-x)` leaves ties to its unstable sort).
         """
-        if self._gene_scale is None:
+        if self._median is None:
             raise ValueError("rank order needs corpus medians: pass medians= to ShardCollection")
-        entry_shard = np.repeat(batch.shard, batch.lengths)
-        scale = np.zeros(len(batch.tokens), dtype=np.float64)
-        species_of_shard = np.array([s.species for s in self.shards], dtype=object)
-        for species in np.unique(species_of_shard[batch.shard]):
-            entries = species_of_shard[entry_shard] == species
-            scale[entries] = self._gene_scale[species][batch.tokens[entries]]
-        # Rank entries (not genes): the per-entry scale carries each cell's species, and ties
-        # fall back to entry order, i.e. the dataset's gene order.
-        entries = np.arange(len(batch.tokens), dtype=np.int64)
         offsets, ranked = rank_order(
             batch.offsets,
-            entries,
+            batch.tokens,
             batch.counts,
-            self.total_counts[batch.cells],
-            scale,
+            self.total_counts(batch.cells),
+            self._median,
             max_len,
             target_sum,
         )
-        return offsets, batch.tokens[ranked]
+        return offsets, ranked
 
 
-def _token_scale(mapping: TokenMapping, medians: pl.DataFrame) -> np.ndarray:
-    """1 / non-zero median per token id (0 for special tokens and genes without a median)."""
-    scale = np.zeros(mapping.n_tokens, dtype=np.float64)
-    table = mapping.gene_table.join(
-        medians.select("gene_id", "nonzero_median"), on="gene_id", how="inner"
-    )
-    table = table.filter(pl.col("nonzero_median") > 0)
-    scale[table["token"].to_numpy()] = 1.0 / table["nonzero_median"].to_numpy()
-    return scale
+def _placeholders(array: np.ndarray, n: int) -> TypedList:
+    array.flags.writeable = False
+    out = TypedList()
+    for _ in range(max(n, 1)):
+        out.append(array)
+    return out
+
+
+def _rows(shards: Sequence[str | Path] | pl.DataFrame) -> list[_Row]:
+    if isinstance(shards, pl.DataFrame):
+        rows = []
+        for record in shards.iter_rows(named=True):
+            held = record.get("holdout")
+            rows.append(
+                _Row(
+                    Path(record["shard"]),
+                    record["species"],
+                    record["dataset"],
+                    int(record["n_cells"]),
+                    record["genes_sha256"],
+                    record.get("cells") or "all",
+                    np.asarray(held if held is not None else [], dtype=np.int64),
+                )
+            )
+        return rows
+    out = []
+    for path in map(Path, shards):
+        info = read_json(path / "shard.json")
+        key = info.get("genes_sha256") or genes_sha256(
+            pl.read_parquet(path / "var.parquet", columns=["gene_id"])["gene_id"].to_list()
+        )
+        out.append(_Row(path, info["species"], info["dataset"], int(info["n_cells"]), key))
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather(indptr, indices, counts, bins, luts, shard, local):  # pragma: no cover - compiled
-    n = len(shard)
+def _lengths(indptr, rows, local):  # pragma: no cover - compiled
+    out = np.empty(rows.shape[0], dtype=np.int64)
+    for i in range(rows.shape[0]):
+        p = indptr[rows[i]]
+        out[i] = p[local[i] + 1] - p[local[i]]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather(indptr, entries, luts, rows, local):  # pragma: no cover - compiled
+    n = rows.shape[0]
     total = 0
     for i in range(n):
-        p = indptr[shard[i]]
+        p = indptr[rows[i]]
         total += p[local[i] + 1] - p[local[i]]
     offsets = np.empty(n + 1, dtype=np.int64)
     tokens = np.empty(total, dtype=np.int32)
-    out_counts = np.empty(total, dtype=np.int32)
-    out_bins = np.empty(total, dtype=np.uint8)
+    counts = np.empty(total, dtype=np.int32)
+    bins = np.empty(total, dtype=np.uint8)
     k = 0
     offsets[0] = 0
     for i in range(n):
-        s = shard[i]
-        p = indptr[s]
-        idx = indices[s]
-        cnt = counts[s]
-        bns = bins[s]
-        lut = luts[s]
+        r = rows[i]
+        p = indptr[r]
+        records = entries[r]
+        lut = luts[r]
         for j in range(p[local[i]], p[local[i] + 1]):
-            token = lut[idx[j]]
+            record = records[j]
+            token = lut[record.gene]
             if token >= 0:
                 tokens[k] = token
-                out_counts[k] = cnt[j]
-                out_bins[k] = bns[j]
+                counts[k] = record.count
+                bins[k] = record.bin
                 k += 1
         offsets[i + 1] = k
-    return offsets, tokens[:k], out_counts[:k], out_bins[:k]
+    return offsets, tokens[:k], counts[:k], bins[:k]
 
 
 def random_batches(
@@ -253,7 +466,6 @@ def random_batches(
         yield order[start : start + batch_size]
 
 
-def open_manifest(manifest: str | Path, split: str) -> list[Path]:
-    """Shard folders of one split of a shard manifest (`manifests/shards.parquet`)."""
-    frame = pl.read_parquet(manifest).filter(pl.col("split") == split)
-    return [Path(p) for p in frame["shard"].to_list()]
+def open_manifest(manifest: str | Path, split: str) -> pl.DataFrame:
+    """The rows of one split of a shard manifest (`manifests/shards.parquet`)."""
+    return pl.read_parquet(manifest).filter(pl.col("split") == split)

@@ -21,11 +21,18 @@ def pyplot() -> Any:
     return plt
 
 
-def plot_qc(dataset: str, metrics: list[pd.DataFrame], settings: Any, path: str | Path) -> None:
+def plot_qc(
+    dataset: str,
+    metrics: list[pd.DataFrame],
+    settings: Any,
+    path: str | Path,
+    *,
+    warnings: list[str] | None = None,
+) -> None:
     """Histograms of total counts, detected genes and mitochondrial fraction, with thresholds.
 
     `metrics` holds one table per file with columns total_counts, n_genes_by_counts,
-    mito_fraction and kept.
+    mito_fraction and kept; `warnings` are printed under the title (e.g. no mitochondrial gene).
     """
     plt = pyplot()
     table = pd.concat(metrics, ignore_index=True)
@@ -60,9 +67,20 @@ def plot_qc(dataset: str, metrics: list[pd.DataFrame], settings: Any, path: str 
     ax = axes[3]
     ax.bar(["in", "kept"], [len(table), int(kept.sum())], color=["#999999", "#3b7dd8"])
     ax.set_title(f"{int(kept.sum())} of {len(table)} cells kept")
-    fig.suptitle(
+    title = (
         f"{dataset}: min_genes={settings.min_genes}, min_counts={settings.min_counts}, "
         f"max_mito_fraction={settings.max_mito_fraction}"
     )
+    if warnings:
+        title += "\n" + "\n".join(f"warning: {w}" for w in warnings)
+        axes[2].text(
+            0.5,
+            0.5,
+            "no mitochondrial genes" if any("mitochondrial" in w for w in warnings) else "",
+            transform=axes[2].transAxes,
+            ha="center",
+            color="#d8513b",
+        )
+    fig.suptitle(title)
     fig.savefig(path, dpi=90, metadata={"Software": None})
     plt.close(fig)

@@ -1,13 +1,18 @@
-"""Stage 2: preprocess one dataset.
+"""Stage 2: preprocess one input file of a dataset, streaming it a block of cells at a time.
 
-For every file of a dataset: find the raw counts, validate them, map genes to the species'
-Ensembl IDs, merge duplicate genes, compute QC metrics and filter cells, then write the
-preprocessed h5ad (raw integer counts in X, Ensembl IDs as `var_names`, `gene_name` in var,
-QC metrics in obs), per-gene statistics for the corpus-level aggregations, a QC report
-(JSON + PNG) and a provenance record. Discretization (value bins) happens when the shards
-are written; rank order needs corpus medians and is applied by the loader.
+`preprocess_file` reads the file once, in blocks (`block_cells`, a runtime setting): it finds
+the raw counts, keeps the gene-expression features of the dataset's species, validates the
+counts, maps genes to the species' Ensembl IDs (summing genes that map to one ID), computes QC
+metrics and filters cells, and for the cells kept appends to the training shard (with their
+quantile bins) and to the per-gene statistics. At the end it writes the preprocessed h5ad
+(raw integer counts in X, Ensembl IDs as `var_names`, `gene_name`/`gene_type` in var, QC
+metrics in obs) from the shard's arrays, the file's statistics and its QC record. Memory is
+O(block + genes) plus a few bytes per cell; outputs are byte-identical whatever the block
+size; on any error nothing is left behind.
 
-Nothing here depends on other datasets, so adding a dataset never reprocesses the others.
+`aggregate_dataset` then merges a dataset's files: statistics, QC record and figure,
+provenance and the shard manifest. Nothing here depends on other datasets, so adding a dataset
+never reprocesses the others.
 """
 
 from __future__ import annotations
@@ -15,33 +20,54 @@ from __future__ import annotations
 import logging
 import platform
 import re
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import anndata as ad
+import numba
 import numpy as np
 import pandas as pd
 import polars as pl
 import scipy.sparse as sp
 
 from cellfoundry import __version__
-from cellfoundry.discretize import qc_metrics
+from cellfoundry.discretize import quantile_bins_csr
 from cellfoundry.errors import DatasetError
-from cellfoundry.gene_stats import compute_gene_stats, merge_gene_stats
-from cellfoundry.io import atomic_outputs, sha256, write_json
-from cellfoundry.readers import dataset_files, read_file
+from cellfoundry.formats import PREPROCESS as FORMAT_VERSION
+from cellfoundry.gene_stats import EXACT_MAX_CELLS, GeneStatsAccumulator, merge_gene_stats
+from cellfoundry.io import atomic_outputs, read_json, sha256, write_json
+from cellfoundry.readers import GENE_EXPRESSION, CellReader, CscTooLarge, open_source
 from cellfoundry.reference import ENSEMBL_ID, NCBI_TAXON, GeneReference, symbol_index
+from cellfoundry.shards import ShardWriter, write_dataset_manifest
+from cellfoundry.sources import SourceFile, dataset_sources
 
 log = logging.getLogger(__name__)
 
-# Bumped when the meaning of the preprocessed files changes; passed to the rule as a param so
-# Snakemake reruns the stage on purpose.
-FORMAT_VERSION = 1
 INTEGER_TOLERANCE = 1e-6
 ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "feature_id", "Accession", "id")
 SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "feature_name", "symbol", "Gene")
+FEATURE_TYPE_COLUMNS = ("feature_types", "feature_type")
 QC_COLUMNS = ("total_counts", "n_genes_by_counts", "mito_fraction")
+SPIKE_IN = re.compile(r"^ERCC-\d+")
+# Ensembl gene ID prefixes of common species, to name a likely species when IDs do not map.
+ENSEMBL_PREFIXES = {
+    "ENSG": "hsapiens",
+    "ENSMUSG": "mmusculus",
+    "ENSRNOG": "rnorvegicus",
+    "ENSDARG": "drerio",
+    "ENSBTAG": "btaurus",
+    "ENSSSCG": "sscrofa",
+    "ENSMMUG": "mmulatta",
+    "ENSGALG": "ggallus",
+    "ENSMFAG": "mfascicularis",
+    "ENSCAFG": "clfamiliaris",
+}
+# Symbols that match the declared species only after changing case, while another species
+# matches this many times more of them exactly, fail the file as a likely species mismatch.
+SPECIES_MISMATCH_RATIO = 2.0
+# The default number of cells read per block (a runtime setting: `--block-cells`).
+BLOCK_CELLS = 4096
 
 
 @dataclass(frozen=True)
@@ -59,9 +85,9 @@ class PreprocessSettings:
     min_genes, min_counts, max_genes, max_counts, max_mito_fraction
         Cell QC thresholds; `None` disables a maximum.
     min_mapping_rate
-        Fraction of the file's genes that must map to the reference.
+        Fraction of the file's gene-expression features that must map to the reference.
     duplicate_genes
-        How genes that map to the same Ensembl ID are merged: `sum` or `first`.
+        How features that map to the same Ensembl ID are merged: `sum` or `first`.
     target_sum
         Library size that counts are normalised to for gene statistics.
     """
@@ -83,189 +109,61 @@ class PreprocessSettings:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+@dataclass(frozen=True)
+class FileOutputs:
+    """Where the preprocessing of one file writes (all staged, moved into place together)."""
+
+    h5ad: Path
+    shard: Path
+    gene_stats: Path
+    qc: Path
+    cells: Path
+
+
+# --- features: what each column of the counts matrix becomes ---------------------------------
+
+
 @dataclass
-class CountsMatrix:
-    """Raw counts found in a file, with the gene annotation that goes with them."""
+class FeaturePlan:
+    """What becomes of each feature (column) of a file's counts matrix.
 
-    X: sp.csr_matrix
-    var: pd.DataFrame
-    source: str
-    n_rounded: int = 0
-
-
-@dataclass
-class GeneMapping:
-    """Ensembl IDs of a file's genes (None where unmapped) and how they were found."""
+    Attributes
+    ----------
+    gene_ids
+        Output genes (Ensembl IDs) in order of their first feature in the file.
+    out_col
+        Per feature: its output gene, or -1 (unmapped, left out, or a duplicate with
+        `duplicate_genes='first'`).
+    primary
+        Per feature: it is the first feature of its output gene (later ones merge into it).
+    role
+        Per feature: 0 when its counts are the cell's (gene expression of the dataset's
+        species, mapped or not), k > 0 when it is left out, as `categories[k - 1]`.
+    categories
+        Names of what is left out (a feature type, another genome, spike-ins).
+    mito
+        Per feature: a mitochondrial gene (symbol starting with MT-).
+    mapped
+        Per feature: a gene-expression feature of the species that maps to a reference gene.
+    report
+        How genes were mapped, for the QC record.
+    """
 
     gene_ids: np.ndarray
-    column: str
-    kind: Literal["ensembl_id", "symbol"]
-
-    @property
-    def n_mapped(self) -> int:
-        return int(sum(g is not None for g in self.gene_ids))
-
-    @property
-    def rate(self) -> float:
-        return self.n_mapped / max(len(self.gene_ids), 1)
+    out_col: np.ndarray
+    primary: np.ndarray
+    role: np.ndarray
+    categories: list[str]
+    mito: np.ndarray
+    mapped: np.ndarray
+    report: dict[str, Any]
 
 
-@dataclass
-class FileResult:
-    """A preprocessed file: the AnnData to write, its QC record and per-cell metrics."""
-
-    name: str
-    source: Path
-    adata: ad.AnnData
-    gene_stats: pl.DataFrame
-    qc: dict[str, Any]
-    metrics: pd.DataFrame = field(repr=False)
-
-
-def find_counts(adata: ad.AnnData, where: str, dataset: str, file: Path) -> CountsMatrix:
-    """Locate and validate the raw counts of a file.
-
-    Raises
-    ------
-    DatasetError
-        When the named location does not exist, or no candidate holds finite, non-negative
-        integer counts; the message says what each candidate holds.
-    """
-    candidates = ["layers/counts", "raw.X", "X"] if where == "auto" else [where]
-    problems = []
-    for candidate in candidates:
-        found = _counts_at(adata, candidate)
-        if found is None:
-            if where != "auto":
-                raise DatasetError(dataset, file, f"has no {candidate} (config preprocess.counts)")
-            continue
-        X, var = found
-        problem, n_rounded = _validate_counts(X, adata.obs_names, var.index)
-        if problem is None:
-            if n_rounded:
-                log.warning(
-                    "%s: %s: %d values within %g of integers were rounded",
-                    dataset,
-                    file.name,
-                    n_rounded,
-                    INTEGER_TOLERANCE,
-                )
-            X.data = np.rint(X.data)
-            return CountsMatrix(_as_integer_csr(X), var, candidate, n_rounded)
-        problems.append(f"{candidate} {problem}")
-    raise DatasetError(
-        dataset,
-        file,
-        "no raw counts: " + "; ".join(problems) + " (counts must be finite, non-negative integers)",
-    )
-
-
-def _counts_at(adata: ad.AnnData, where: str) -> tuple[sp.csr_matrix, pd.DataFrame] | None:
-    if where == "X":
-        return _to_csr(adata.X), adata.var
-    if where == "raw.X":
-        if adata.raw is None:
-            return None
-        return _to_csr(adata.raw.X), adata.raw.var
-    if where.startswith("layers/"):
-        name = where.removeprefix("layers/")
-        if name not in adata.layers:
-            return None
-        return _to_csr(adata.layers[name]), adata.var
-    raise ValueError(f"unknown counts location '{where}' (auto, X, raw.X or layers/<name>)")
-
-
-def _to_csr(matrix: Any) -> sp.csr_matrix:
-    if sp.issparse(matrix):
-        X = sp.csr_matrix(matrix, copy=True)
-    else:
-        X = sp.csr_matrix(np.asarray(matrix))
-    X.eliminate_zeros()
-    X.sort_indices()
-    return X
-
-
-def _validate_counts(
-    X: sp.csr_matrix, obs_names: pd.Index, var_names: pd.Index
-) -> tuple[str | None, int]:
-    data = X.data
-    if data.dtype.kind in "iu":
-        bad = np.flatnonzero(data < 0)
-        if bad.size:
-            return f"holds {bad.size} negative values{_where(X, bad[0], obs_names, var_names)}", 0
-        return None, 0
-    finite = np.isfinite(data)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        kind = "NaN" if np.isnan(data[bad[0]]) else "infinite"
-        return f"holds {bad.size} {kind} values{_where(X, bad[0], obs_names, var_names)}", 0
-    bad = np.flatnonzero(data < 0)
-    if bad.size:
-        return f"holds {bad.size} negative values{_where(X, bad[0], obs_names, var_names)}", 0
-    distance = np.abs(data - np.rint(data))
-    bad = np.flatnonzero(distance > INTEGER_TOLERANCE)
-    if bad.size:
-        example = data[bad[0]]
-        return (
-            f"holds {bad.size} non-integer values such as {example:.6g}"
-            f"{_where(X, bad[0], obs_names, var_names)} (normalised data?)"
-        ), 0
-    return None, int(np.count_nonzero(distance))
-
-
-def _where(X: sp.csr_matrix, position: int, obs_names: pd.Index, var_names: pd.Index) -> str:
-    row = int(np.searchsorted(X.indptr, position, side="right") - 1)
-    col = int(X.indices[position])
-    return f" (first in cell '{obs_names[row]}', gene '{var_names[col]}')"
-
-
-def _as_integer_csr(X: sp.csr_matrix) -> sp.csr_matrix:
-    dtype = np.int32 if (X.data.size == 0 or X.data.max() < 2**31) else np.int64
-    return sp.csr_matrix(
-        (X.data.astype(dtype), X.indices.astype(np.int32), X.indptr.astype(np.int64)), shape=X.shape
-    )
-
-
-def map_genes(var: pd.DataFrame, reference: GeneReference, where: str = "auto") -> GeneMapping:
-    """Map a file's genes to the reference's Ensembl IDs.
-
-    With `where='auto'`, a column (or `var_names`) where most values look like Ensembl IDs is
-    used as IDs (version suffixes dropped); otherwise the symbol column that maps best is
-    mapped through the reference's symbols (see `reference.symbol_index`). Genes absent from
-    the reference stay unmapped (None).
-    """
-    known = set(reference.gene_ids.tolist())
-    columns = _gene_columns(var, where)
-    id_candidates = [(name, values) for name, values in columns if _ensembl_fraction(values) >= 0.5]
-    if id_candidates:
-        name, values = max(id_candidates, key=lambda item: _ensembl_fraction(item[1]))
-        stripped = [re.sub(r"\.\d+$", "", v) for v in values]
-        ids = np.array([g if g in known else None for g in stripped], dtype=object)
-        return GeneMapping(ids, name, "ensembl_id")
-    index = symbol_index(reference)
-    best: GeneMapping | None = None
-    for name, values in columns:
-        ids = np.array([_map_symbol(v, index) for v in values], dtype=object)
-        mapping = GeneMapping(ids, name, "symbol")
-        if best is None or mapping.n_mapped > best.n_mapped:
-            best = mapping
-    assert best is not None
-    return best
-
-
-def _gene_columns(var: pd.DataFrame, where: str) -> list[tuple[str, list[str]]]:
-    if where == "var_names":
-        return [("var_names", var.index.astype(str).tolist())]
-    if where.startswith("var/"):
-        column = where.removeprefix("var/")
-        if column not in var:
-            raise KeyError(column)
-        return [(where, var[column].astype(str).tolist())]
-    columns = [("var_names", var.index.astype(str).tolist())]
-    for column in (*ID_COLUMNS, *SYMBOL_COLUMNS):
-        if column in var and _is_text(var[column]):
-            columns.append((f"var/{column}", var[column].astype(str).tolist()))
-    return columns
+def _text_column(var: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray | None:
+    for name in names:
+        if name in var:
+            return var[name].astype(str).to_numpy()
+    return None
 
 
 def _is_text(series: pd.Series) -> bool:
@@ -276,158 +174,446 @@ def _is_text(series: pd.Series) -> bool:
     )
 
 
-def _ensembl_fraction(values: list[str]) -> float:
+def _gene_columns(var: pd.DataFrame, where: str) -> list[tuple[str, np.ndarray]]:
+    if where == "var_names":
+        return [("var_names", var.index.astype(str).to_numpy())]
+    if where.startswith("var/"):
+        column = where.removeprefix("var/")
+        if column not in var:
+            raise KeyError(column)
+        return [(where, var[column].astype(str).to_numpy())]
+    columns = [("var_names", var.index.astype(str).to_numpy())]
+    for column in (*ID_COLUMNS, *SYMBOL_COLUMNS):
+        if column in var and _is_text(var[column]):
+            columns.append((f"var/{column}", var[column].astype(str).to_numpy()))
+    return columns
+
+
+def _strip_genome_prefix(values: np.ndarray, genomes: np.ndarray | None) -> np.ndarray:
+    """Cell Ranger's multi-genome references prefix IDs and names with the genome
+    (`GRCh38_ENSG...`, `mm10___ENSMUSG...`)."""
+    if genomes is None:
+        return np.array(
+            [re.sub(r"^[A-Za-z0-9.]+_+(?=ENS[A-Z]*G\d)", "", v) for v in values], dtype=object
+        )
+    return np.array(
+        [
+            v[len(g) :].lstrip("_") if g and v.startswith(g + "_") else v
+            for v, g in zip(values, genomes, strict=True)
+        ],
+        dtype=object,
+    )
+
+
+def _ensembl_fraction(values: np.ndarray) -> float:
     return sum(bool(ENSEMBL_ID.match(v)) for v in values) / max(len(values), 1)
 
 
-def _map_symbol(symbol: str, index: dict[str, str]) -> str | None:
-    if symbol in index:
-        return index[symbol]
+def _map_symbol(
+    symbol: str, exact: dict[str, str], folded: dict[str, str]
+) -> tuple[str | None, str]:
+    if symbol in exact:
+        return exact[symbol], "exact"
     # `var_names_make_unique` turns a repeated symbol into SYMBOL-1, SYMBOL-2, ...
     base = re.sub(r"-\d+$", "", symbol)
-    if base != symbol and base in index:
-        return index[base]
-    return index.get(symbol.upper())
+    if base != symbol and base in exact:
+        return exact[base], "exact"
+    gene = folded.get(symbol.upper())
+    return (gene, "case") if gene is not None else (None, "unmapped")
 
 
-def check_organism(adata: ad.AnnData, species: str, dataset: str, file: Path) -> None:
-    """Fail when CELLxGENE-style organism annotations contradict the dataset's species."""
-    expected = NCBI_TAXON.get(species)
-    found: set[str] = set()
-    if "organism_ontology_term_id" in adata.obs:
-        found |= set(adata.obs["organism_ontology_term_id"].astype(str).unique())
-    value = adata.uns.get("organism_ontology_term_id")
-    if isinstance(value, str):
-        found.add(value)
-    if len(found) > 1:
-        raise DatasetError(
-            dataset,
-            file,
-            f"cells come from several organisms ({', '.join(sorted(found))}); split the file by organism",
-        )
-    if expected and found and found != {expected}:
-        raise DatasetError(
-            dataset,
-            file,
-            f"organism is {found.pop()} but the dataset sheet says {species} ({expected})",
-        )
+@dataclass
+class GeneMapping:
+    """Ensembl IDs of features (None where unmapped) and how they were found."""
+
+    gene_ids: np.ndarray
+    column: str
+    kind: Literal["ensembl_id", "symbol"]
+    matches: dict[str, int]
+
+    @property
+    def n_mapped(self) -> int:
+        return int(sum(g is not None for g in self.gene_ids))
+
+    @property
+    def rate(self) -> float:
+        return self.n_mapped / max(len(self.gene_ids), 1)
 
 
-def preprocess_file(
-    dataset: str, species: str, path: Path, reference: GeneReference, settings: PreprocessSettings
-) -> FileResult:
-    """Preprocess one file of a dataset (pure: reads `path`, writes nothing)."""
-    adata = read_file(dataset, path)
-    check_organism(adata, species, dataset, path)
-    counts = find_counts(adata, settings.counts, dataset, path)
+def map_genes(columns: list[tuple[str, np.ndarray]], reference: GeneReference) -> GeneMapping:
+    """Map features to the reference's Ensembl IDs.
+
+    A column where at least half the values look like Ensembl IDs is used as IDs (version
+    suffixes dropped); otherwise the symbol column that maps best is mapped through the
+    reference's symbols (`reference.symbol_index`), exactly first, then ignoring case.
+    """
+    known = set(reference.gene_ids.tolist())
+    id_candidates = [(name, values) for name, values in columns if _ensembl_fraction(values) >= 0.5]
+    if id_candidates:
+        name, values = max(id_candidates, key=lambda item: _ensembl_fraction(item[1]))
+        stripped = [re.sub(r"\.\d+$", "", v) for v in values]
+        ids = np.array([g if g in known else None for g in stripped], dtype=object)
+        n = int(sum(g is not None for g in ids))
+        return GeneMapping(ids, name, "ensembl_id", {"exact": n, "unmapped": len(ids) - n})
+    exact, folded = symbol_index(reference)
+    best: GeneMapping | None = None
+    for name, values in columns:
+        found = [_map_symbol(v, exact, folded) for v in values]
+        ids = np.array([g for g, _ in found], dtype=object)
+        kinds = pd.Series([k for _, k in found]).value_counts().to_dict()
+        mapping = GeneMapping(ids, name, "symbol", {k: int(v) for k, v in kinds.items()})
+        if best is None or mapping.n_mapped > best.n_mapped:
+            best = mapping
+    assert best is not None
+    return best
+
+
+def _likely_species(
+    mapping: GeneMapping, values: np.ndarray, species: str, reference: GeneReference
+) -> tuple[str, str] | None:
+    """(species, evidence) when the features look like another species' genes."""
+    if mapping.kind == "ensembl_id":
+        prefixes = pd.Series([re.match(r"^(ENS[A-Z]*?G)\d", v) for v in values]).dropna()
+        found = pd.Series([m.group(1) for m in prefixes]).value_counts()
+        if found.empty:
+            return None
+        prefix, n = found.index[0], int(found.iloc[0])
+        other = ENSEMBL_PREFIXES.get(prefix)
+        if other and other != species:
+            return other, f"{n} of {len(values)} IDs start with {prefix}"
+        return None
+    from cellfoundry.reference import bundled_species, load_bundled
+
+    own_exact = mapping.matches.get("exact", 0)
+    best = None
+    for other in bundled_species():
+        if other == species:
+            continue
+        exact, _ = symbol_index(load_bundled(other))
+        n = int(sum(v in exact for v in values))
+        if n > SPECIES_MISMATCH_RATIO * max(own_exact, 1) and (best is None or n > best[1]):
+            best = (other, n)
+    if best is None:
+        return None
+    return best[0], (
+        f"{best[1]} of {len(values)} symbols match {best[0]} symbols exactly, only {own_exact} "
+        f"match {species} ({reference.source}) exactly ({mapping.matches.get('case', 0)} more "
+        "only after changing case)"
+    )
+
+
+def plan_features(
+    var: pd.DataFrame,
+    dataset: str,
+    species: str,
+    path: Path,
+    reference: GeneReference,
+    settings: PreprocessSettings,
+) -> FeaturePlan:
+    """Decide what each feature of a counts matrix becomes (see `FeaturePlan`).
+
+    Raises
+    ------
+    DatasetError
+        When the named gene column does not exist, too few gene-expression features map to the
+        reference, or the genes look like another species'.
+    """
+    n = len(var)
+    categories: list[str] = []
+    role = np.zeros(n, dtype=np.int8)
+
+    def leave_out(mask: np.ndarray, name: str) -> None:
+        mask = mask & (role == 0)
+        if mask.any():
+            categories.append(name)
+            role[mask] = len(categories)
+
+    types = _text_column(var, FEATURE_TYPE_COLUMNS)
+    if types is not None:
+        for kind in sorted(set(types) - {GENE_EXPRESSION}):
+            leave_out(types == kind, kind)
+    names = var.index.astype(str).to_numpy()
+    leave_out(np.array([bool(SPIKE_IN.match(v)) for v in names]), "ERCC spike-in")
+    genomes = _text_column(var, ("genome",))
     try:
-        mapping = map_genes(counts.var, reference, settings.genes)
+        columns = _gene_columns(var, settings.genes)
     except KeyError as error:
         raise DatasetError(
             dataset, path, f"has no var column {error} (config preprocess.genes)"
         ) from error
-    n_genes_in = counts.X.shape[1]
+    if genomes is not None and len(set(genomes[role == 0])) > 1:
+        # A multi-genome (barnyard) file: keep the genome whose genes map best to the species.
+        scores = {}
+        for genome in sorted(set(genomes[role == 0])):
+            rows = (genomes == genome) & (role == 0)
+            sub = [(c, _strip_genome_prefix(v[rows], genomes[rows])) for c, v in columns]
+            scores[genome] = map_genes(sub, reference).n_mapped
+        keep = max(scores, key=lambda g: (scores[g], g))
+        for genome in sorted(scores):
+            if genome != keep:
+                leave_out(genomes == genome, f"genome {genome}")
+    counted = role == 0
+    columns = [(c, _strip_genome_prefix(v, genomes)) for c, v in columns]
+    mapping = map_genes([(c, v[counted]) for c, v in columns], reference)
+    n_counted = int(counted.sum())
+    mapped_column = dict(columns).get(mapping.column, names)[counted]
     if mapping.rate < settings.min_mapping_rate:
+        other = _likely_species(mapping, mapped_column, species, reference)
+        hint = f"; they look like {other[0]} genes ({other[1]})" if other else ". Wrong species?"
         raise DatasetError(
             dataset,
             path,
-            f"only {mapping.n_mapped} of {n_genes_in} genes ({mapping.rate:.1%}) map to the {species} "
+            f"only {mapping.n_mapped} of {n_counted} genes ({mapping.rate:.1%}) map to the {species} "
             f"reference ({reference.source}) using {mapping.column}; minimum is "
-            f"{settings.min_mapping_rate:.0%} (preprocess.min_mapping_rate). Wrong species?",
+            f"{settings.min_mapping_rate:.0%} (preprocess.min_mapping_rate){hint}",
         )
-
-    names = reference.table.select("gene_id", "gene_name")
-    name_of = dict(zip(names["gene_id"].to_list(), names["gene_name"].to_list(), strict=True))
-    symbols = [
-        name_of.get(g, "") if g is not None else s
-        for g, s in zip(mapping.gene_ids, counts.var.index.astype(str), strict=True)
-    ]
-    mito = np.array([s.upper().startswith("MT-") for s in symbols])
-    metrics = qc_metrics(counts.X, mito)
-    keep = _qc_filter(metrics, settings)
-    n_kept = int(keep.sum())
-    qc_table = pd.DataFrame(
-        {
-            "total_counts": metrics.total_counts,
-            "n_genes_by_counts": metrics.n_genes_by_counts,
-            "mito_fraction": metrics.mito_fraction,
-            "kept": keep,
-        },
-        index=adata.obs_names.astype(str),
-    )
-    if n_kept == 0:
-        raise DatasetError(
+    if mapping.kind == "symbol" and mapping.matches.get("case", 0) > mapping.matches.get(
+        "exact", 0
+    ):
+        other = _likely_species(mapping, mapped_column, species, reference)
+        if other is not None:
+            raise DatasetError(
+                dataset,
+                path,
+                f"genes look like {other[0]}, not {species}: {other[1]}; fix the species in the dataset sheet",
+            )
+        log.warning(
+            "%s: %s: %d symbols map to %s only after changing case (%d exactly)",
             dataset,
-            path,
-            f"no cell passes QC ({_qc_summary(qc_table, settings)}); loosen the thresholds for this dataset",
+            path.name,
+            mapping.matches.get("case", 0),
+            species,
+            mapping.matches.get("exact", 0),
         )
 
-    X, gene_ids, n_duplicates = _collapse_genes(
-        counts.X[keep], mapping.gene_ids, settings.duplicate_genes
+    gene_of = np.full(n, None, dtype=object)
+    gene_of[counted] = mapping.gene_ids
+    name_of = dict(
+        zip(
+            reference.table["gene_id"].to_list(),
+            reference.table["gene_name"].to_list(),
+            strict=True,
+        )
     )
-    obs = _clean_obs(adata.obs.loc[keep])
-    for column in QC_COLUMNS:
-        obs[column] = qc_table[column].to_numpy()[keep]
-    table = reference.table.filter(pl.col("gene_id").is_in(gene_ids.tolist())).sort("gene_id")
-    var = pd.DataFrame(
-        {
-            "gene_name": pd.Categorical(table["gene_name"].to_list()),
-            "gene_type": pd.Categorical(table["gene_type"].to_list()),
+    symbols = _text_column(var, SYMBOL_COLUMNS)
+    symbols = names if symbols is None else symbols
+    mito = np.array(
+        [
+            counted[i]
+            and (name_of.get(gene_of[i], "") if gene_of[i] is not None else symbols[i])
+            .upper()
+            .startswith("MT-")
+            for i in range(n)
+        ]
+    )
+    out_col = np.full(n, -1, dtype=np.int32)
+    primary = np.zeros(n, dtype=bool)
+    first: dict[str, int] = {}
+    for i in np.flatnonzero(counted):
+        gene = gene_of[i]
+        if gene is None:
+            continue
+        if gene not in first:
+            first[gene] = len(first)
+            primary[i] = True
+            out_col[i] = first[gene]
+        elif settings.duplicate_genes == "sum":
+            out_col[i] = first[gene]
+    report = {
+        "genes_in": n,
+        "features_left_out": {
+            name: int((role == k + 1).sum()) for k, name in enumerate(categories)
         },
-        index=pd.Index(table["gene_id"].to_list()),
-    )
-    out = ad.AnnData(X=X, obs=obs, var=var)
-    out.obs_names_make_unique()
-    out.uns["cellfoundry"] = {
-        "dataset": dataset,
-        "species": species,
-        "counts_source": counts.source,
-    }
-
-    stats = compute_gene_stats(
-        X, gene_ids, obs["total_counts"].to_numpy(), target_sum=settings.target_sum
-    )
-    qc = {
-        "file": path.name,
-        "output": f"{path.stem}.h5ad",
-        "counts_source": counts.source,
-        "values_rounded": counts.n_rounded,
-        "genes_in": n_genes_in,
+        "genes_counted": n_counted,
         "genes_mapped": mapping.n_mapped,
         "mapping_rate": round(mapping.rate, 6),
-        "mapped_counts_fraction": round(_mapped_counts_fraction(counts.X, mapping), 6),
         "mapping_column": mapping.column,
         "mapping_kind": mapping.kind,
-        "duplicate_genes_merged": n_duplicates,
-        "genes_out": int(X.shape[1]),
-        "cells_in": int(adata.n_obs),
-        "cells_kept": n_kept,
-        "cells_failed": _qc_failures(qc_table, settings),
-        "median_total_counts_kept": float(np.median(metrics.total_counts[keep])),
-        "median_genes_kept": float(np.median(metrics.n_genes_by_counts[keep])),
-        "median_mito_fraction_kept": round(float(np.median(metrics.mito_fraction[keep])), 6),
+        "mapping_matches": mapping.matches,
+        "duplicate_genes_merged": mapping.n_mapped - len(first),
+        "mito_genes": int(mito.sum()),
     }
-    return FileResult(path.stem, path, out, stats, qc, qc_table)
-
-
-def _mapped_counts_fraction(X: sp.csr_matrix, mapping: GeneMapping) -> float:
-    """Share of all counts that fall on mapped genes (unmapped genes are mostly rare ones)."""
-    per_gene = np.bincount(X.indices, weights=X.data, minlength=X.shape[1])
-    mapped = np.array([g is not None for g in mapping.gene_ids])
-    total = per_gene.sum()
-    return float(per_gene[mapped].sum() / total) if total else 0.0
-
-
-def _qc_filter(metrics: Any, settings: PreprocessSettings) -> np.ndarray:
-    keep = (metrics.n_genes_by_counts >= settings.min_genes) & (
-        metrics.total_counts >= settings.min_counts
+    mapped = np.array([g is not None for g in gene_of], dtype=bool)
+    return FeaturePlan(
+        np.array(list(first), dtype=object),
+        out_col,
+        primary,
+        role,
+        categories,
+        mito,
+        mapped,
+        report,
     )
-    keep &= metrics.mito_fraction <= settings.max_mito_fraction
+
+
+# --- counts: where they are, and their validation ---------------------------------------------
+
+
+def find_counts(reader: CellReader, where: str, dataset: str, path: Path, block_cells: int) -> str:
+    """The location of the raw counts (`X`, `raw.X`, `layers/<name>`), checked on the first block.
+
+    Every later block is checked as it streams (`check_counts`), so a problem in a late block
+    still fails the file before anything is written.
+
+    Raises
+    ------
+    DatasetError
+        When the named location does not exist, or no candidate holds finite, non-negative
+        integer counts; the message says what each candidate holds and which layers exist.
+    """
+    present = reader.locations()
+    candidates = ["layers/counts", "raw.X", "X"] if where == "auto" else [where]
+    layers = [p for p in present if p.startswith("layers/")]
+    available = f"; the file has {', '.join(present) or 'no matrix'}"
+    if where != "auto" and where not in present:
+        raise DatasetError(dataset, path, f"has no {where} (config preprocess.counts){available}")
+    problems = []
+    for candidate in candidates:
+        if candidate not in present:
+            continue
+        try:
+            _, block = next(reader.blocks(candidate, min(block_cells, 1024)))
+        except CscTooLarge as error:
+            raise DatasetError(dataset, path, str(error)) from error
+        problem = check_counts(block, 0, reader, candidate)[0]
+        if problem is None:
+            return candidate
+        problems.append(f"{candidate} {problem}")
+    if not problems:
+        hint = f"; set preprocess.counts to one of {', '.join(layers)}" if layers else ""
+        raise DatasetError(
+            dataset, path, f"X is absent and there is no layers/counts or raw.X{available}{hint}"
+        )
+    hint = (
+        f"; set preprocess.counts to one of {', '.join(layers)}"
+        if layers and where == "auto"
+        else ""
+    )
+    raise DatasetError(
+        dataset,
+        path,
+        "no raw counts: "
+        + "; ".join(problems)
+        + " (counts must be finite, non-negative integers)"
+        + hint,
+    )
+
+
+def check_counts(
+    block: sp.csr_matrix, start: int, reader: CellReader, location: str
+) -> tuple[str | None, int]:
+    """(problem, number of values rounded): counts must be finite, non-negative integers;
+    values within `INTEGER_TOLERANCE` of an integer are accepted (and rounded)."""
+    data = block.data
+    if data.dtype.kind in "iu":
+        bad = np.flatnonzero(data < 0) if data.dtype.kind == "i" else np.zeros(0, int)
+        if bad.size:
+            return f"holds negative values{_where(block, bad[0], start, reader, location)}", 0
+        return None, 0
+    finite = np.isfinite(data)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        kind = "NaN" if np.isnan(data[bad[0]]) else "infinite"
+        return f"holds {kind} values{_where(block, bad[0], start, reader, location)}", 0
+    bad = np.flatnonzero(data < 0)
+    if bad.size:
+        return f"holds negative values{_where(block, bad[0], start, reader, location)}", 0
+    distance = np.abs(data - np.rint(data))
+    bad = np.flatnonzero(distance > INTEGER_TOLERANCE)
+    if bad.size:
+        return (
+            f"holds non-integer values such as {data[bad[0]]:.6g}"
+            f"{_where(block, bad[0], start, reader, location)} (normalised data?)"
+        ), 0
+    return None, int(np.count_nonzero(distance))
+
+
+def _where(
+    block: sp.csr_matrix, position: int, start: int, reader: CellReader, location: str
+) -> str:
+    row = int(np.searchsorted(block.indptr, position, side="right") - 1)
+    col = int(block.indices[position])
+    return f" (first in cell '{reader.obs.index[start + row]}', gene '{reader.var(location).index[col]}')"
+
+
+# --- the streaming pass -----------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _cell_metrics(indptr, indices, counts, role, mito, feature_sums):  # pragma: no cover - compiled
+    n = indptr.shape[0] - 1
+    total = np.zeros(n)
+    n_genes = np.zeros(n, dtype=np.int64)
+    mito_counts = np.zeros(n)
+    for cell in range(n):
+        for j in range(indptr[cell], indptr[cell + 1]):
+            feature = indices[j]
+            x = counts[j]
+            feature_sums[feature] += x
+            if role[feature] == 0 and x > 0:
+                total[cell] += x
+                n_genes[cell] += 1
+                if mito[feature]:
+                    mito_counts[cell] += x
+    return total, n_genes, mito_counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _collapse(indptr, indices, counts, keep, out_col, primary):  # pragma: no cover - compiled
+    """Kept cells' entries over output genes, ascending per cell; duplicates summed in."""
+    n = indptr.shape[0] - 1
+    size = 0
+    for cell in range(n):
+        if keep[cell]:
+            size += indptr[cell + 1] - indptr[cell]
+    out_indptr = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+    genes = np.empty(size, dtype=np.int32)
+    values = np.empty(size, dtype=np.int64)
+    k = 0
+    row = 0
+    for cell in range(n):
+        if not keep[cell]:
+            continue
+        lo = k
+        # First features of each gene come in increasing output order (genes are numbered in
+        # order of their first feature), so they are written in order.
+        for j in range(indptr[cell], indptr[cell + 1]):
+            feature = indices[j]
+            if primary[feature] and counts[j] > 0:
+                genes[k] = out_col[feature]
+                values[k] = counts[j]
+                k += 1
+        # Later features of a gene are added to it, inserted in order when it is absent.
+        for j in range(indptr[cell], indptr[cell + 1]):
+            feature = indices[j]
+            target = out_col[feature]
+            if primary[feature] or target < 0 or counts[j] == 0:
+                continue
+            position = lo + np.searchsorted(genes[lo:k], target)
+            if position < k and genes[position] == target:
+                values[position] += counts[j]
+            else:
+                for m in range(k, position, -1):
+                    genes[m] = genes[m - 1]
+                    values[m] = values[m - 1]
+                genes[position] = target
+                values[position] = counts[j]
+                k += 1
+        row += 1
+        out_indptr[row] = k
+    return out_indptr, genes[:k], values[:k]
+
+
+def _qc_keep(
+    total: np.ndarray, n_genes: np.ndarray, mito: np.ndarray, settings: PreprocessSettings
+) -> np.ndarray:
+    keep = (n_genes >= settings.min_genes) & (total >= settings.min_counts)
+    keep &= mito <= settings.max_mito_fraction
     if settings.max_genes is not None:
-        keep &= metrics.n_genes_by_counts <= settings.max_genes
+        keep &= n_genes <= settings.max_genes
     if settings.max_counts is not None:
-        keep &= metrics.total_counts <= settings.max_counts
-    return np.asarray(keep)
+        keep &= total <= settings.max_counts
+    return keep
 
 
 def _qc_failures(table: pd.DataFrame, settings: PreprocessSettings) -> dict[str, int]:
@@ -443,147 +629,468 @@ def _qc_failures(table: pd.DataFrame, settings: PreprocessSettings) -> dict[str,
     return failures
 
 
-def _qc_summary(table: pd.DataFrame, settings: PreprocessSettings) -> str:
-    failures = _qc_failures(table, settings)
-    parts = [f"{name}={getattr(settings, name)} removes {n}" for name, n in failures.items()]
-    return f"{len(table)} cells; " + ", ".join(parts)
+def check_organism(organisms: set[str], species: str, dataset: str, path: Path) -> None:
+    """Fail when CELLxGENE-style organism annotations contradict the dataset's species."""
+    expected = NCBI_TAXON.get(species)
+    if len(organisms) > 1:
+        raise DatasetError(
+            dataset,
+            path,
+            f"cells come from several organisms ({', '.join(sorted(organisms))}); split the file by organism",
+        )
+    if expected and organisms and organisms != {expected}:
+        raise DatasetError(
+            dataset,
+            path,
+            f"organism is {next(iter(organisms))} but the dataset sheet says {species} ({expected})",
+        )
 
 
-def _collapse_genes(
-    X: sp.csr_matrix, gene_ids: np.ndarray, how: str
-) -> tuple[sp.csr_matrix, np.ndarray, int]:
-    """Drop unmapped genes and merge genes that map to the same ID; columns sorted by ID."""
-    mapped = np.flatnonzero([g is not None for g in gene_ids])
-    ids = np.asarray(gene_ids[mapped], dtype=str)
-    unique, inverse = np.unique(ids, return_inverse=True)
-    n_duplicates = len(ids) - len(unique)
-    if how == "first":
-        _, first = np.unique(ids, return_index=True)
-        rows, cols = mapped[first], np.arange(len(unique))
-    else:
-        rows, cols = mapped, inverse
-    aggregate = sp.csr_matrix(
-        (np.ones(len(rows), dtype=X.dtype), (rows, cols)), shape=(X.shape[1], len(unique))
-    )
-    out = (X @ aggregate).tocsr()
-    out.sort_indices()
-    out.eliminate_zeros()
-    return sp.csr_matrix(out, dtype=X.dtype), unique, n_duplicates
-
-
-def _clean_obs(obs: pd.DataFrame) -> pd.DataFrame:
-    """Keep simple annotation columns (labels, batches); drop QC columns we recompute."""
-    keep = {}
+def clean_obs(obs: pd.DataFrame) -> pd.DataFrame:
+    """Annotation columns worth keeping (labels, batches, numbers); QC columns we recompute are
+    dropped. Text becomes categorical; missing values stay missing (never the string 'nan')."""
+    keep: dict[str, Any] = {}
     for column in obs.columns:
         series = obs[column]
         if column in QC_COLUMNS:
             continue
-        if _is_text(series) or series.dtype.kind == "b":
-            keep[str(column)] = pd.Categorical(series.astype(str).to_numpy())
-        elif series.dtype.kind in "iuf":
-            keep[str(column)] = series.to_numpy()
+        if _is_text(series) or series.dtype.kind == "b" or pd.api.types.is_bool_dtype(series):
+            values = series.astype(object).where(series.notna(), None)
+            keep[str(column)] = pd.Categorical([None if v is None else str(v) for v in values])
+        elif series.dtype.kind in "iuf" or pd.api.types.is_numeric_dtype(series):
+            keep[str(column)] = series.to_numpy(dtype=np.float64 if series.hasnans else None)
     return pd.DataFrame(keep, index=pd.Index(obs.index.astype(str)))
 
 
-@dataclass
-class DatasetOutputs:
-    """Where one dataset's preprocessing writes."""
+def barcode_sketch(names: pd.Index, k: int = 256) -> list[int]:
+    """The `k` smallest 64-bit hashes of a file's cell names (a bottom-k MinHash sketch).
 
-    h5ad_dir: Path
+    Two files' sketches estimate how many cell barcodes they share (a Cell Ranger filtered and
+    raw matrix, or one sample twice) without keeping the barcodes.
+    """
+    hashes = pd.util.hash_array(np.asarray(names.astype(str), dtype=object))
+    hashes = np.unique(hashes)
+    return [int(h) for h in np.sort(hashes)[:k]]
+
+
+def preprocess_file(
+    dataset: str,
+    species: str,
+    source: SourceFile,
+    reference: GeneReference,
+    settings: PreprocessSettings,
+    outputs: FileOutputs,
+    *,
+    n_bins: int,
+    block_cells: int = BLOCK_CELLS,
+    exact_max_cells: int = EXACT_MAX_CELLS,
+) -> dict[str, Any]:
+    """Preprocess one input of a dataset, streaming it, and write all its outputs atomically.
+
+    Returns the file's QC record (also written to `outputs.qc`).
+
+    Raises
+    ------
+    DatasetError
+        For unreadable files, missing or invalid counts (found in any block), too few mapped
+        genes, a species mismatch, contradicting organism annotations, or no cell passing QC.
+        Nothing of the outputs exists afterwards.
+    """
+    path = source.path
+    with (
+        open_source(dataset, source) as reader,
+        atomic_outputs(
+            outputs.h5ad, outputs.shard, outputs.gene_stats, outputs.qc, outputs.cells
+        ) as (h5ad_path, shard_path, stats_path, qc_path, cells_path),
+    ):
+        check_organism(reader.organisms(), species, dataset, path)
+        location = find_counts(reader, settings.counts, dataset, path, block_cells)
+        var = reader.var(location)
+        plan = plan_features(var, dataset, species, path, reference, settings)
+        writer = ShardWriter(shard_path, n_bins=n_bins)
+        stats = GeneStatsAccumulator(
+            len(plan.gene_ids), target_sum=settings.target_sum, exact_max_cells=exact_max_cells
+        )
+        feature_sums = np.zeros(len(var))
+        metrics: list[tuple[np.ndarray, ...]] = []
+        n_rounded = 0
+        for start, block in _blocks(reader, location, block_cells, dataset, path):
+            problem, rounded = check_counts(block, start, reader, location)
+            if problem is not None:
+                raise DatasetError(
+                    dataset,
+                    path,
+                    f"{location} {problem} (counts must be finite, non-negative integers)",
+                )
+            n_rounded += rounded
+            counts = (
+                np.rint(block.data).astype(np.int64)
+                if block.data.dtype.kind == "f"
+                else block.data.astype(np.int64)
+            )
+            if counts.size and counts.max() >= 2**31:
+                raise DatasetError(
+                    dataset, path, f"{location} holds a count of {counts.max()}, above 2^31 - 1"
+                )
+            total, n_genes, mito_counts = _cell_metrics(
+                block.indptr.astype(np.int64),
+                block.indices.astype(np.int64),
+                counts,
+                plan.role,
+                plan.mito,
+                feature_sums,
+            )
+            mito = np.divide(mito_counts, total, out=np.zeros_like(total), where=total > 0)
+            keep = _qc_keep(total, n_genes, mito, settings)
+            metrics.append((total, n_genes, mito, keep))
+            out_indptr, genes, values = _collapse(
+                block.indptr.astype(np.int64),
+                block.indices.astype(np.int64),
+                counts,
+                keep,
+                plan.out_col,
+                plan.primary,
+            )
+            bins = quantile_bins_csr(out_indptr, values, n_bins)
+            writer.append(out_indptr, genes, values, bins, total[keep])
+            stats.add_cells(out_indptr, genes, values, total[keep])
+        n_rounded and log.warning(
+            "%s: %s: %d values within %g of integers were rounded",
+            dataset,
+            path.name,
+            n_rounded,
+            INTEGER_TOLERANCE,
+        )
+        table = pd.DataFrame(
+            {
+                name: np.concatenate([m[i] for m in metrics])
+                for i, name in enumerate((*QC_COLUMNS, "kept"))
+            },
+            index=reader.obs.index,
+        )
+        kept = table["kept"].to_numpy()
+        if not kept.any():
+            raise DatasetError(
+                dataset,
+                path,
+                f"no cell passes QC ({len(table)} cells; "
+                + ", ".join(
+                    f"{name}={getattr(settings, name)} removes {n}"
+                    for name, n in _qc_failures(table, settings).items()
+                )
+                + "); loosen the thresholds for this dataset",
+            )
+        obs = clean_obs(reader.obs.loc[kept])
+        for column in QC_COLUMNS:
+            obs[column] = table[column].to_numpy()[kept]
+        obs.index = pd.Index(_unique_names(obs.index))
+        out_var = _output_var(plan.gene_ids, reference)
+        info = writer.close(
+            out_var, obs, {"dataset": dataset, "species": species, "file": f"{source.name}.h5ad"}
+        )
+        write_h5ad(
+            h5ad_path,
+            shard_path,
+            obs,
+            out_var,
+            {"cellfoundry": {"dataset": dataset, "species": species, "counts_source": location}},
+        )
+        stats.table(plan.gene_ids).write_parquet(stats_path, statistics=False)
+        pl.from_pandas(table.reset_index(names="obs_name")).write_parquet(
+            cells_path, statistics=False
+        )
+        counted_sum = float(feature_sums[plan.role == 0].sum())
+        mapped_sum = float(feature_sums[plan.mapped].sum())
+        warnings = []
+        if plan.report["mito_genes"] == 0:
+            warnings.append(
+                "no mitochondrial (MT-) gene among the mapped genes: mito_fraction is 0 for every cell and max_mito_fraction filters nothing"
+            )
+        for warning in warnings:
+            log.warning("%s: %s: %s", dataset, path.name, warning)
+        qc = {
+            "file": source.name,
+            "source": str(path),
+            "format": source.format,
+            "output": f"{source.name}.h5ad",
+            "counts_source": location,
+            "values_rounded": n_rounded,
+            **plan.report,
+            "counts_left_out": {
+                name: int(feature_sums[plan.role == k + 1].sum())
+                for k, name in enumerate(plan.categories)
+            },
+            "counts_total": int(counted_sum),
+            "mapped_counts_fraction": round(mapped_sum / counted_sum, 6) if counted_sum else 0.0,
+            "genes_out": len(plan.gene_ids),
+            "cells_in": len(table),
+            "cells_kept": int(kept.sum()),
+            "cells_failed": _qc_failures(table, settings),
+            "median_total_counts_kept": float(np.median(table["total_counts"].to_numpy()[kept])),
+            "median_genes_kept": float(np.median(table["n_genes_by_counts"].to_numpy()[kept])),
+            "median_mito_fraction_kept": round(
+                float(np.median(table["mito_fraction"].to_numpy()[kept])), 6
+            ),
+            "nnz": info["nnz"],
+            "warnings": warnings,
+            "barcode_sketch": barcode_sketch(reader.obs.index),
+            "inputs": _input_checksums(source),
+            "h5ad_sha256": sha256(h5ad_path),
+            "settings": asdict(settings),
+            "format_version": FORMAT_VERSION,
+        }
+        write_json(qc_path, qc)
+    log.info(
+        "%s: %s: %d/%d cells kept, %d/%d genes mapped (%.1f%%) from %s, %s",
+        dataset,
+        path.name,
+        qc["cells_kept"],
+        qc["cells_in"],
+        qc["genes_mapped"],
+        qc["genes_counted"],
+        100 * qc["mapping_rate"],
+        location,
+        ", ".join(f"{n} {k} features left out" for k, n in plan.report["features_left_out"].items())
+        or "nothing left out",
+    )
+    return qc
+
+
+def _blocks(
+    reader: CellReader, location: str, block_cells: int, dataset: str, path: Path
+) -> Iterator[tuple[int, sp.csr_matrix]]:
+    try:
+        yield from reader.blocks(location, block_cells)
+    except CscTooLarge as error:
+        raise DatasetError(dataset, path, str(error)) from error
+    except (OSError, ValueError, KeyError) as error:
+        raise DatasetError(
+            dataset, path, f"cannot be read (truncated or not a valid file?): {error}"
+        ) from error
+
+
+def _unique_names(names: pd.Index) -> list[str]:
+    """Cell names made unique the way anndata does (`name-1`, `name-2`, ...)."""
+    import anndata as ad
+
+    return list(ad.utils.make_index_unique(pd.Index(names.astype(str))))
+
+
+def _output_var(gene_ids: np.ndarray, reference: GeneReference) -> pd.DataFrame:
+    table = reference.table.select("gene_id", "gene_name", "gene_type")
+    order = pl.DataFrame({"gene_id": gene_ids.astype(str)}).join(
+        table, on="gene_id", how="left", maintain_order="left"
+    )
+    return pd.DataFrame(
+        {
+            "gene_name": pd.Categorical(order["gene_name"].to_list()),
+            "gene_type": pd.Categorical(order["gene_type"].to_list()),
+        },
+        index=pd.Index(order["gene_id"].to_list()),
+    )
+
+
+def _input_checksums(source: SourceFile) -> list[dict[str, Any]]:
+    files = (
+        sorted(p for p in source.path.iterdir() if p.is_file())
+        if source.path.is_dir()
+        else [source.path]
+    )
+    return [{"file": str(f), "sha256": sha256(f), "bytes": f.stat().st_size} for f in files]
+
+
+def write_h5ad(
+    path: Path,
+    shard: Path,
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
+    uns: dict[str, Any],
+    *,
+    chunk: int = 1 << 20,
+) -> None:
+    """Write the preprocessed h5ad from a shard's arrays, a chunk at a time.
+
+    X is a CSR matrix of int32 raw counts (anndata's `csr_matrix` encoding, resizable datasets
+    so anndata can append to it); obs, var and uns are written by anndata's `write_elem`. The
+    h5ad is written from the finished shard (not block by block) so that its bytes do not
+    depend on the block size.
+    """
+    import h5py
+    from anndata.io import write_elem
+
+    indptr = np.load(shard / "indptr.npy", mmap_mode="r")
+    entries = np.load(shard / "entries.npy", mmap_mode="r")
+    nnz = len(entries)
+    with h5py.File(path, "w") as handle:
+        handle.attrs["encoding-type"] = "anndata"
+        handle.attrs["encoding-version"] = "0.1.0"
+        group = handle.create_group("X")
+        group.attrs["encoding-type"] = "csr_matrix"
+        group.attrs["encoding-version"] = "0.1.0"
+        group.attrs["shape"] = np.array([len(obs), len(var)], dtype=np.int64)
+        size = max(1, min(chunk, nnz))
+        # scipy wants indices and indptr of one dtype: int32 while it holds, as anndata writes.
+        index_dtype = np.int32 if nnz < 2**31 else np.int64
+        data = group.create_dataset(
+            "data", shape=(nnz,), dtype=np.int32, maxshape=(None,), chunks=(size,)
+        )
+        indices = group.create_dataset(
+            "indices", shape=(nnz,), dtype=index_dtype, maxshape=(None,), chunks=(size,)
+        )
+        for start in range(0, nnz, chunk):
+            piece = entries[start : start + chunk]
+            data[start : start + len(piece)] = piece["count"]
+            indices[start : start + len(piece)] = piece["gene"]
+        group.create_dataset("indptr", data=np.asarray(indptr, dtype=index_dtype), maxshape=(None,))
+        write_elem(handle, "obs", obs)
+        write_elem(handle, "var", var)
+        write_elem(handle, "uns", uns)
+        for name in ("layers", "obsm", "obsp", "varm", "varp"):
+            write_elem(handle, name, {})
+
+
+# --- one dataset: its files together ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetOutputs:
+    """Where a dataset's aggregation writes."""
+
     gene_stats: Path
-    qc_json: Path
+    qc: Path
     qc_plot: Path
     provenance: Path
+    shard_manifest: Path
 
 
-def preprocess_dataset(
+def aggregate_dataset(
     dataset: str,
     species: str,
     path: str | Path,
-    reference: GeneReference | None,
+    file_qc: list[Path],
+    file_stats: list[Path],
+    shards: list[Path],
     settings: PreprocessSettings,
     outputs: DatasetOutputs,
     *,
+    reference_source: str,
     config_slice: dict[str, Any] | None = None,
-) -> list[FileResult]:
-    """Preprocess every file of a dataset and write all its outputs atomically.
-
-    Either all outputs appear, or (on any error) none does.
-    """
-    files = dataset_files(dataset, path)
-    if reference is None:
-        from cellfoundry.reference import bundled_species
-
-        raise DatasetError(
-            dataset,
-            files[0],
-            f"species '{species}' has no gene reference (bundled: {', '.join(bundled_species())}); "
-            f"add a table under reference.tables.{species} in the config",
-        )
-    results = []
-    for file in files:
-        log.info("%s: reading %s", dataset, file)
-        result = preprocess_file(dataset, species, file, reference, settings)
-        log.info(
-            "%s: %s: %d/%d cells kept, %d/%d genes mapped (%.1f%%) from %s",
-            dataset,
-            file.name,
-            result.qc["cells_kept"],
-            result.qc["cells_in"],
-            result.qc["genes_mapped"],
-            result.qc["genes_in"],
-            100 * result.qc["mapping_rate"],
-            result.qc["counts_source"],
-        )
-        results.append(result)
-
-    stats = merge_gene_stats([r.gene_stats for r in results])
+    exact_max_cells: int = EXACT_MAX_CELLS,
+) -> dict[str, Any]:
+    """Merge the per-file outputs of a dataset: statistics, QC record and figure, provenance,
+    and the shard manifest, all written atomically."""
+    records = [read_json(p) for p in sorted(file_qc, key=lambda p: p.name)]
+    sources = dataset_sources(dataset, path)
     qc = {
         "dataset": dataset,
         "species": species,
         "settings": asdict(settings),
-        "files": [r.qc for r in results],
-        "cells_in": sum(r.qc["cells_in"] for r in results),
-        "cells_kept": sum(r.qc["cells_kept"] for r in results),
-        "genes_out": int(stats.height),
+        "files": records,
+        "ignored": [str(p) for p in sources.ignored],
+        "cells_in": sum(r["cells_in"] for r in records),
+        "cells_kept": sum(r["cells_kept"] for r in records),
+        "genes_mapped": sum(r["genes_mapped"] for r in records),
         "mapping_rate": round(
-            sum(r.qc["genes_mapped"] for r in results)
-            / max(sum(r.qc["genes_in"] for r in results), 1),
+            sum(r["genes_mapped"] for r in records)
+            / max(sum(r["genes_counted"] for r in records), 1),
             6,
         ),
+        "shared_barcodes": shared_barcodes(records),
     }
-    with atomic_outputs(
-        outputs.h5ad_dir, outputs.gene_stats, outputs.qc_json, outputs.qc_plot, outputs.provenance
-    ) as (h5ad_dir, stats_path, qc_path, plot_path, provenance_path):
-        h5ad_dir.mkdir()
-        written = []
-        for result in results:
-            target = h5ad_dir / f"{result.name}.h5ad"
-            result.adata.write_h5ad(target)
-            written.append(
-                {"file": target.name, "sha256": sha256(target), "n_obs": result.adata.n_obs}
-            )
+    if sources.ignored:
+        log.info(
+            "%s: not read (Cell Ranger outputs other than the filtered matrix, other files): %s",
+            dataset,
+            ", ".join(p.name for p in sources.ignored),
+        )
+    stats = merge_gene_stats(
+        sorted(file_stats, key=lambda p: p.name), exact_max_cells=exact_max_cells
+    )
+    qc["genes_out"] = int(stats.height)
+    with atomic_outputs(outputs.gene_stats, outputs.qc, outputs.qc_plot, outputs.provenance) as (
+        stats_path,
+        qc_path,
+        plot_path,
+        provenance_path,
+    ):
         stats.write_parquet(stats_path, statistics=False)
         write_json(qc_path, qc)
         from cellfoundry.plots import plot_qc
 
-        plot_qc(dataset, [r.metrics for r in results], settings, plot_path)
+        cells = [
+            pl.read_parquet(
+                p.with_name(p.name.removesuffix(".json") + ".cells.parquet")
+            ).to_pandas()
+            for p in sorted(file_qc, key=lambda p: p.name)
+        ]
+        plot_qc(
+            dataset,
+            cells,
+            settings,
+            plot_path,
+            warnings=sorted({w for r in records for w in r["warnings"]}),
+        )
         write_json(
             provenance_path,
             {
                 "dataset": dataset,
                 "species": species,
-                "inputs": [
-                    {"file": str(f), "sha256": sha256(f), "bytes": f.stat().st_size} for f in files
+                "inputs": [i for r in records for i in r["inputs"]],
+                "outputs": [
+                    {"file": r["output"], "sha256": r["h5ad_sha256"], "n_obs": r["cells_kept"]}
+                    for r in records
                 ],
-                "outputs": written,
-                "reference": reference.source,
+                "reference": reference_source,
                 "config": config_slice if config_slice is not None else asdict(settings),
                 "format_version": FORMAT_VERSION,
                 "versions": software_versions(),
             },
         )
-    return results
+    write_dataset_manifest(dataset, species, shards, outputs.shard_manifest)
+    return qc
+
+
+def shared_barcodes(records: list[dict[str, Any]], *, threshold: float = 0.5) -> list[list[str]]:
+    """Groups of files that share most of their cell barcodes (estimated from their sketches).
+
+    Two files are grouped when the estimated share of the smaller file's barcodes also found
+    in the other is at least `threshold`: the same cells read twice must never be split
+    between training and validation.
+    """
+    names = [r["file"] for r in records]
+    parent = list(range(len(names)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    sketches = [np.asarray(r["barcode_sketch"], dtype=np.uint64) for r in records]
+    sizes = [r["cells_in"] for r in records]
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            if containment(sketches[i], sketches[j], sizes[i], sizes[j]) >= threshold:
+                parent[find(i)] = find(j)
+    groups: dict[int, list[str]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(find(i), []).append(name)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def containment(a: np.ndarray, b: np.ndarray, size_a: int, size_b: int) -> float:
+    """Estimated share of the smaller set's members found in the other, from bottom-k sketches.
+
+    Among the k smallest hashes of the union, the share present in both estimates the Jaccard
+    index J (Broder 1997); then |A and B| = J (|A| + |B|) / (1 + J), divided by the smaller size.
+    """
+    if not len(a) or not len(b):
+        return 0.0
+    k = min(len(a), len(b))
+    union = np.union1d(a, b)[:k]
+    jaccard = len(np.intersect1d(np.intersect1d(a, b), union)) / len(union)
+    shared = jaccard * (size_a + size_b) / (1 + jaccard)
+    return min(1.0, shared / max(1, min(size_a, size_b)))
 
 
 def software_versions() -> dict[str, str]:
@@ -594,3 +1101,8 @@ def software_versions() -> dict[str, str]:
     return {"cellfoundry": __version__, "python": platform.python_version()} | {
         name: version(name) for name in packages
     }
+
+
+def read_dataset_files(dataset: str, path: str | Path) -> dict[str, SourceFile]:
+    """The inputs of a dataset by output name (see `cellfoundry.sources`)."""
+    return dataset_sources(dataset, path).by_name()

@@ -122,20 +122,22 @@ def read_reference(species: str, path: str | Path) -> GeneReference:
     return GeneReference(species, str(path), pl.read_parquet(path))
 
 
-def symbol_index(reference: GeneReference) -> dict[str, str]:
-    """Map gene symbols to Ensembl IDs, resolving duplicated symbols deterministically.
+def symbol_index(reference: GeneReference) -> tuple[dict[str, str], dict[str, str]]:
+    """Map gene symbols to Ensembl IDs: (exact symbols, upper-cased symbols).
 
     GENCODE reuses about 1,600 human symbols; a symbol maps to its protein-coding gene when
-    there is one, else to the smallest Ensembl ID. Upper-cased symbols are added as a
-    fallback for case differences between releases, never overriding an exact symbol.
+    there is one, else to the smallest Ensembl ID. The upper-cased index is a fallback for case
+    differences between releases; a match through it is counted separately, because mouse
+    symbols (Actb) match human ones (ACTB) only that way.
     """
     table = reference.table.filter(pl.col("gene_name") != "").with_columns(
         (pl.col("gene_type") != "protein_coding").alias("_not_coding")
     )
     table = table.sort(["gene_name", "_not_coding", "gene_id"])
-    index: dict[str, str] = {}
+    exact: dict[str, str] = {}
     for name, gene_id in zip(table["gene_name"].to_list(), table["gene_id"].to_list(), strict=True):
-        index.setdefault(name, gene_id)
-    for name, gene_id in list(index.items()):
-        index.setdefault(name.upper(), gene_id)
-    return index
+        exact.setdefault(name, gene_id)
+    folded: dict[str, str] = {}
+    for name, gene_id in exact.items():
+        folded.setdefault(name.upper(), gene_id)
+    return exact, folded

@@ -199,7 +199,7 @@ def pca_baseline(adata: ad.AnnData, n_components: int = 50) -> np.ndarray:
 
 
 def embedding_report(
-    h5ad_dirs: dict[str, Path],
+    h5ads: dict[str, list[Path]],
     species: dict[str, str],
     model_dir: str | Path,
     out_png: str | Path,
@@ -216,8 +216,8 @@ def embedding_report(
     from cellfoundry.inference import embed_cells
 
     panels = []
-    for dataset, folder in sorted(h5ad_dirs.items()):
-        for path in sorted(Path(folder).glob("*.h5ad")):
+    for dataset, paths in sorted(h5ads.items()):
+        for path in sorted(paths):
             adata = ad.read_h5ad(path)
             key = label_key(adata.obs)
             if key is None or adata.n_obs < 20:

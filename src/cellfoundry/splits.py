@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import polars as pl
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cellfoundry.errors import ConfigError
-from cellfoundry.seeds import unit_hash
+from cellfoundry.seeds import derive_seed
 
 FORMAT_VERSION = 1
 SECTIONS = ("train", "val")
@@ -167,43 +169,91 @@ def default_splits(
     dataset_files: dict[str, tuple[str, list[str]]],
     *,
     project_path: str,
-    seed: int,
-    val_fraction: float,
 ) -> dict[str, SplitFile]:
-    """A seeded file-level split of every dataset, one split per dataset.
+    """The default split of every dataset as scConcept split files: all files train.
 
-    Per species, files are ordered by a hash of (seed, dataset, file) and the first
-    `round(val_fraction x n)` go to validation, at least one when the species has two or more
-    files and never all of them. Adding a dataset moves at most the files near the cut.
+    The default validation set is made of cells, not files (`holdout_cells`); scConcept split
+    files list files, so these list every file under `train` and none under `val`.
 
     Parameters
     ----------
     dataset_files
         Dataset name -> (species, file names).
     """
-    by_species: dict[str, list[tuple[float, str, str]]] = {}
-    for dataset, (species, files) in dataset_files.items():
-        for file in files:
-            by_species.setdefault(species, []).append(
-                (unit_hash(seed, "split", dataset, file), dataset, file)
-            )
-    val: set[tuple[str, str]] = set()
-    for entries in by_species.values():
-        entries.sort()
-        n = len(entries)
-        k = min(max(round(val_fraction * n), 1), n - 1) if n >= 2 else 0
-        val |= {(d, f) for _, d, f in entries[:k]}
     splits = {}
     for dataset, (species, files) in sorted(dataset_files.items()):
-        sections = {
-            "train": sorted(f for f in files if (dataset, f) not in val),
-            "val": sorted(f for f in files if (dataset, f) in val),
+        raw = {
+            "source_name": dataset,
+            "species": species,
+            "source_path": SOURCE_PATH,
+            "train": sorted(files),
+            "val": [],
         }
-        raw = {"source_name": dataset, "species": species, "source_path": SOURCE_PATH, **sections}
         splits[dataset] = resolve_split(
             dataset, raw, project_path, origin=f"default split of {dataset}"
         )
     return splits
+
+
+HOLDOUT_SCHEMA = {"dataset": pl.Utf8, "file": pl.Utf8, "cell": pl.Int64}
+
+
+def barcode_uniforms(seed: int, dataset: str, names: np.ndarray) -> np.ndarray:
+    """A uniform in [0, 1) per cell name, a pure function of (seed, dataset, name).
+
+    SipHash-2-4 (`pandas.util.hash_array`) keyed by the seed and the dataset: the same barcode
+    gets the same value in every file of a dataset, whatever else is in the corpus.
+    """
+    key = f"{derive_seed(seed, 'holdout', dataset):016x}"[:16]
+    hashes = pd.util.hash_array(np.asarray(names, dtype=object), hash_key=key, categorize=False)
+    return (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def holdout_cells(
+    dataset: str,
+    files: dict[str, np.ndarray],
+    groups: list[list[str]],
+    *,
+    seed: int,
+    val_fraction: float,
+    max_cells_per_file: int,
+) -> dict[str, np.ndarray]:
+    """The cells of a dataset held out for validation by the default split, per file.
+
+    A cell is held out when its name's uniform (`barcode_uniforms`) is below `val_fraction`,
+    keeping at most `max_cells_per_file` per file: the smallest uniforms. Files that share
+    their barcodes (`groups`, e.g. one sample written twice) are decided together, on the
+    union of their names, so a cell is never in training through one file and in validation
+    through another. Nothing depends on other datasets, so adding a dataset moves no cell.
+
+    Parameters
+    ----------
+    files
+        File name -> cell names (as in the shard's `obs.parquet`, in shard order).
+    groups
+        Lists of file names that share barcodes (others are decided alone).
+
+    Returns
+    -------
+    File name -> sorted indices (into the file's cells) of the held-out cells.
+    """
+    grouped = {name for group in groups for name in group}
+    units = [list(g) for g in groups] + [[name] for name in sorted(files) if name not in grouped]
+    out: dict[str, np.ndarray] = {}
+    for unit in units:
+        names = np.unique(
+            np.concatenate([np.asarray(files[f], dtype=object) for f in unit if f in files])
+        )
+        u = barcode_uniforms(seed, dataset, names)
+        candidates = np.flatnonzero(u < val_fraction)
+        cap = max_cells_per_file * len(unit)
+        chosen = candidates[np.argsort(u[candidates], kind="stable")[:cap]]
+        held = names[chosen]
+        for name in unit:
+            if name in files:
+                cells = np.asarray(files[name], dtype=object)
+                out[name] = np.flatnonzero(np.isin(cells, held)).astype(np.int64)
+    return out
 
 
 def split_yaml(split: SplitFile) -> str:

@@ -4,21 +4,32 @@ import json
 import re
 from pathlib import Path
 
+from cellfoundry import formats
 from cellfoundry.config import dataset_settings, read_dataset_sheet, validate_config
-from cellfoundry.demo import DEMO_DATASETS
+from cellfoundry.demo import demo_files
+from cellfoundry.errors import CellfoundryError
 from cellfoundry.reference import bundled_species
-from cellfoundry import embeddings, panels, preprocess, shards, splits, vocabulary
+from cellfoundry.sources import SourceFile, dataset_sources, output_name
+from cellfoundry import embeddings, panels, splits, vocabulary
 
 # Schemas: workflow/schemas/ (shipped in the package, so the command line validates alike).
 config.update(validate_config(config, source="config"))
 DATASETS = read_dataset_sheet(config["datasets"])
 SPECIES = sorted(DATASETS["species"].unique())
 PROJECT = config["project_path"]
+# Files the demo rule writes: datasets under them are planned before they exist.
+DEMO_FILES = [str(p) for p in demo_files(config["demo"]["path"])]
+# The input name of a dataset whose path cannot be read while planning: its one job fails
+# with the reason, and the other datasets go on.
+UNREADABLE = "_unreadable_dataset_"
 
 
+# Names are validated (sheet) or made safe (inputs); these patterns keep paths unambiguous and
+# are character classes, not lists of names, so planning stays fast with thousands of datasets.
 wildcard_constraints:
-    dataset="|".join(re.escape(name) for name in DATASETS.index),
-    species="|".join(re.escape(name) for name in SPECIES),
+    dataset="[A-Za-z0-9][A-Za-z0-9_-]*",
+    file=r"(?!manifest\.json$)[A-Za-z0-9._+-]+",
+    species="[a-z][a-z0-9_]*",
     embedding="|".join(re.escape(name) for name in sorted(config["embeddings"]))
     or "(?!)",
 
@@ -41,6 +52,50 @@ def has_reference(species):
     return species in bundled_species() or species in config["reference"]["tables"]
 
 
+# --- the inputs of each dataset ----------------------------------------------------------
+
+
+def _lamin_sources(dataset, reference):
+    """The files of a lamin:// dataset, resolved in the source instance while planning."""
+    from cellfoundry.lamin import connect, resolve_source
+
+    connect(
+        config["lamin"]["source_instance"] or None,
+        settings_dir=config["lamin"]["source_settings_dir"] or None,
+    )
+    paths = resolve_source(reference)
+    return {output_name(p): SourceFile(output_name(p), p, "") for p in paths}
+
+
+def _sources(dataset):
+    path = DATASETS.loc[dataset, "path"]
+    try:
+        if path.startswith("lamin://"):
+            return _lamin_sources(dataset, path)
+        return dataset_sources(dataset, path, planned=DEMO_FILES).by_name()
+    except CellfoundryError:
+        return {UNREADABLE: None}
+
+
+SOURCES = {dataset: _sources(dataset) for dataset in DATASETS.index}
+
+
+def files_of(dataset):
+    return sorted(SOURCES[dataset])
+
+
+def per_file(pattern):
+    """An input function: `pattern` (with {dataset} and {file}) for each file of the dataset."""
+
+    def paths(wildcards):
+        return [
+            out(pattern.format(dataset=wildcards.dataset, file=name))
+            for name in files_of(wildcards.dataset)
+        ]
+
+    return paths
+
+
 # --- reference -------------------------------------------------------------------------
 
 
@@ -60,10 +115,24 @@ def dataset_path(wildcards):
     return DATASETS.loc[wildcards.dataset, "path"]
 
 
-def dataset_input(wildcards):
-    """The dataset's file or folder (LaminDB references are materialised by the job)."""
-    path = dataset_path(wildcards)
-    return [] if path.startswith("lamin://") else path
+def file_path(wildcards):
+    """The input's path as the job reads it (a lamin:// dataset's file is a local path)."""
+    source = SOURCES[wildcards.dataset].get(wildcards.file)
+    if source is not None and dataset_path(wildcards).startswith("lamin://"):
+        return str(source.path)
+    return dataset_path(wildcards)
+
+
+def file_input(wildcards):
+    """What the job reads: the file, or every file of an MTX folder (so a file rewritten in
+    place reruns the job); nothing for a dataset that cannot be read (its job says why).
+    """
+    source = SOURCES[wildcards.dataset].get(wildcards.file)
+    if source is None:
+        return []
+    if Path(source.path).is_dir():
+        return sorted(str(p) for p in Path(source.path).iterdir() if p.is_file())
+    return str(source.path)
 
 
 def preprocess_settings(wildcards):
@@ -73,6 +142,21 @@ def preprocess_settings(wildcards):
 
 def species_of(wildcards):
     return DATASETS.loc[wildcards.dataset, "species"]
+
+
+def input_mb(wildcards, input):
+    return sum(Path(p).stat().st_size for p in input.data if Path(p).exists()) / 2**20
+
+
+def preprocess_mem_mb(wildcards, input, attempt):
+    """Memory of a preprocessing job: blocks and per-gene statistics (~1.5 GB) plus a few
+    bytes per cell, estimated from the input's size; doubled on a retry."""
+    return int((1500 + input_mb(wildcards, input) / 20) * attempt)
+
+
+def preprocess_runtime(wildcards, input, attempt):
+    """Minutes: at ~20 MB/s of input, at least 10."""
+    return int(max(10, input_mb(wildcards, input) / 20 / 60 * 2) * attempt)
 
 
 def species_gene_stats(wildcards):
@@ -131,10 +215,8 @@ def project_of_manifest(wildcards, output):
     return str(Path(output.manifest).parent.parent)
 
 
-def dataset_species_json():
-    return as_json(
-        {name: DATASETS.loc[name, "species"] for name in sorted(DATASETS.index)}
-    )
+def shard_manifests(datasets):
+    return expand(out("shards/{dataset}/manifest.json"), dataset=datasets)
 
 
 # --- gene embeddings and training ------------------------------------------------------
@@ -143,9 +225,9 @@ EMBEDDINGS = sorted(config["embeddings"])
 TRAIN_RUN = config["train"]["run"]
 
 
-def species_shards(wildcards):
-    """The shard folders of a species' datasets: a gene embedding depends on nothing else."""
-    return expand(out("shards/{dataset}"), dataset=datasets_of(wildcards.species))
+def species_shard_manifests(wildcards):
+    """The shard manifests of a species' datasets: a gene embedding depends on nothing else."""
+    return shard_manifests(datasets_of(wildcards.species))
 
 
 def embedding_settings(wildcards):
@@ -206,20 +288,16 @@ def panel_reports():
     ]
 
 
+def all_h5ads(datasets):
+    """The preprocessed h5ads of some datasets."""
+    return [
+        out(f"data/{dataset}/h5ads/{name}.h5ad")
+        for dataset in datasets
+        for name in files_of(dataset)
+    ]
+
+
 # --- LaminDB ---------------------------------------------------------------------------
-
-
-def lamin_source_instance(wildcards):
-    """The LaminDB instance of a lamin:// dataset ('' for files: lamindb is not touched)."""
-    if not dataset_path(wildcards).startswith("lamin://"):
-        return ""
-    return config["lamin"]["source_instance"] or ""
-
-
-def lamin_source_settings(wildcards):
-    if not dataset_path(wildcards).startswith("lamin://"):
-        return ""
-    return config["lamin"]["source_settings_dir"] or ""
 
 
 def lamin_dataset_params(wildcards):
@@ -231,6 +309,18 @@ def lamin_dataset_params(wildcards):
     )
 
 
+def lamin_dataset_sources(wildcards):
+    return [
+        str(source.path)
+        for source in SOURCES[wildcards.dataset].values()
+        if source is not None
+    ]
+
+
+def lamin_dataset_h5ads(wildcards):
+    return all_h5ads([wildcards.dataset])
+
+
 def lamin_species_dataset_receipts(wildcards):
     return expand(
         out("lamin/data/{dataset}.json"), dataset=datasets_of(wildcards.species)
@@ -238,7 +328,7 @@ def lamin_species_dataset_receipts(wildcards):
 
 
 def lamin_species_h5ads(wildcards):
-    return expand(out("data/{dataset}/h5ads"), dataset=datasets_of(wildcards.species))
+    return all_h5ads(datasets_of(wildcards.species))
 
 
 def lamin_species_panels(wildcards):
@@ -315,15 +405,7 @@ def demo_cells_argument():
     return "" if n_cells is None else f"--n-cells {n_cells}"
 
 
-def demo_folder(wildcards, output):
-    return str(Path(output[0]).parent)
-
-
-DEMO_OUTPUTS = [
-    (
-        directory(f"{config['demo']['path']}/{demo.path}")
-        if not Path(demo.path).suffix
-        else f"{config['demo']['path']}/{demo.path}"
+def dataset_species_json():
+    return as_json(
+        {name: DATASETS.loc[name, "species"] for name in sorted(DATASETS.index)}
     )
-    for demo in DEMO_DATASETS
-]

@@ -1,6 +1,6 @@
 rule demo_corpus:
     output:
-        DEMO_OUTPUTS,
+        DEMO_FILES,
     log:
         out("logs/demo_corpus.log"),
     conda:
@@ -8,6 +8,6 @@ rule demo_corpus:
     params:
         seed=config["seed"],
         n_cells=demo_cells_argument(),
-        out=demo_folder,
+        out=config["demo"]["path"],
     shell:
         "python -m cellfoundry demo --out {params.out:q} --seed {params.seed} {params.n_cells} > {log:q} 2>&1"

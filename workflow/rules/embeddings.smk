@@ -1,6 +1,6 @@
 rule gene_embeddings:
     input:
-        shards=species_shards,
+        manifests=species_shard_manifests,
         token_mapping=out(
             "references/vocabulary/token_mappings_per_specie/{species}.csv"
         ),
@@ -19,6 +19,6 @@ rule gene_embeddings:
         version=embeddings.FORMAT_VERSION,
     shell:
         "python -m cellfoundry embeddings --name {wildcards.embedding} --species {wildcards.species} "
-        "--token-mapping {input.token_mapping:q} --shards {input.shards:q} "
+        "--token-mapping {input.token_mapping:q} --shard-manifests {input.manifests:q} "
         "--settings {params.settings:q} --seed {params.seed} --out {output.embeddings:q} "
         "--report {output.report:q} > {log:q} 2>&1"

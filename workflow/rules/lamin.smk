@@ -4,8 +4,8 @@
 
 rule lamin_register_dataset:
     input:
-        h5ads=out("data/{dataset}/h5ads"),
-        source=dataset_input,
+        h5ads=lamin_dataset_h5ads,
+        source=lamin_dataset_sources,
     output:
         out("lamin/data/{dataset}.json"),
     log:
@@ -15,7 +15,7 @@ rule lamin_register_dataset:
     params:
         project=project_of_receipt,
         name=config["lamin"]["name"],
-        version=preprocess.FORMAT_VERSION,
+        version=formats.PREPROCESS,
         params=lamin_dataset_params,
     shell:
         "python -m cellfoundry lamin-register --project {params.project:q} --name {params.name:q} "
@@ -56,7 +56,7 @@ rule lamin_register_model:
     input:
         receipts=expand(out("lamin/references/{species}.json"), species=SPECIES),
         model=out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors"),
-        h5ads=expand(out("data/{dataset}/h5ads"), dataset=sorted(DATASETS.index)),
+        h5ads=all_h5ads(sorted(DATASETS.index)),
         token_mappings=expand(
             out("references/vocabulary/token_mappings_per_specie/{species}.csv"),
             species=SPECIES,

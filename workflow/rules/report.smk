@@ -57,7 +57,7 @@ rule report_training:
 rule report_embeddings:
     input:
         model=out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors"),
-        h5ads=expand(out("data/{dataset}/h5ads"), dataset=sorted(DATASETS.index)),
+        h5ads=all_h5ads(sorted(DATASETS.index)),
     output:
         figure=report(
             out(f"report/cell_embeddings_{TRAIN_RUN}.png"),
@@ -84,6 +84,6 @@ rule report_embeddings:
         k=15,
         seed=config["seed"],
     shell:
-        "python -m cellfoundry report-embeddings --model {params.model_dir:q} --h5ad-dirs {input.h5ads:q} "
+        "python -m cellfoundry report-embeddings --model {params.model_dir:q} --h5ads {input.h5ads:q} "
         "--species {params.species:q} --k {params.k} --seed {params.seed} --out {output.figure:q} "
         "--table {output.table:q} --html {output.html:q} > {log:q} 2>&1"

@@ -1,9 +1,11 @@
 rule splits:
     input:
-        h5ads=expand(out("data/{dataset}/h5ads"), dataset=sorted(DATASETS.index)),
+        qc=expand(out("qc/{dataset}/qc.json"), dataset=sorted(DATASETS.index)),
+        manifests=shard_manifests(sorted(DATASETS.index)),
         split_files=split_files(),
     output:
         manifest=out("manifests/splits.parquet"),
+        holdout=out("manifests/holdout.parquet"),
         default_splits=default_split_outputs(),
     log:
         out("logs/splits.log"),
@@ -11,11 +13,11 @@ rule splits:
         "../../envs/prep.yaml"
     params:
         settings=as_json(config["splits"]),
-        datasets=dataset_species_json(),
         project_path=project_of_manifest,
         seed=config["seed"],
         version=splits.FORMAT_VERSION,
     shell:
-        "python -m cellfoundry splits --settings {params.settings:q} --datasets {params.datasets:q} "
-        "--project-path {params.project_path:q} --seed {params.seed} --out {output.manifest:q} "
+        "python -m cellfoundry splits --settings {params.settings:q} --qc {input.qc:q} "
+        "--manifests {input.manifests:q} --project-path {params.project_path:q} "
+        "--seed {params.seed} --out {output.manifest:q} --holdout {output.holdout:q} "
         "--split-dir {params.project_path:q}/splits > {log:q} 2>&1"

@@ -94,9 +94,7 @@ def open_split(
     frame = pl.read_parquet(manifest).filter(pl.col("split") == split)
     if frame.height == 0:
         raise ValueError(f"the shard manifest {manifest} lists no '{split}' files")
-    collection = ShardCollection(
-        [Path(p) for p in frame["shard"].to_list()], mappings, medians=medians
-    )
+    collection = ShardCollection(frame, mappings, medians=medians, to_model=layout.local_to_global)
     names = frame["dataset"].to_list()
     index = {name: i for i, name in enumerate(sorted(set(names)))}
     return SplitData(
@@ -464,13 +462,9 @@ def select_entries(offsets: np.ndarray, max_per_row: int, keys: np.ndarray | Non
 
 
 def global_tokens(batch: SparseBatch, data: SplitData) -> np.ndarray:
-    """The batch's tokens in the model's token space (see `VocabularyLayout`)."""
-    out = np.empty(len(batch.tokens), dtype=np.int64)
-    entry_shard = np.repeat(batch.shard, batch.lengths)
-    for species in np.unique(data.species[batch.shard]):
-        entries = data.species[entry_shard] == species
-        out[entries] = data.layout.local_to_global[species][batch.tokens[entries]]
-    return out
+    """The batch's tokens in the model's token space (see `VocabularyLayout`): the loader
+    already looked them up in it (one lookup per gene list, `loader.TokenSpace`)."""
+    return batch.tokens.astype(np.int64)
 
 
 def read_medians(paths: Sequence[str | Path]) -> dict[str, pl.DataFrame]:

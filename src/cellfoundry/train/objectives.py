@@ -180,13 +180,9 @@ class GeneformerMLM:
         self, batch: SparseBatch, data: SplitData, noise: CellNoise, *, train: bool = True
     ) -> dict[str, Tensor]:
         layout = data.layout
-        offsets, local = data.collection.rank_batch(batch, max_len=self.max_len - 1)
+        offsets, ranked = data.collection.rank_batch(batch, max_len=self.max_len - 1)
         lengths = np.diff(offsets)
-        shard = np.repeat(batch.shard, lengths)
-        tokens = np.empty(len(local), dtype=np.int64)
-        for species in np.unique(data.species[batch.shard]):
-            entries = data.species[shard] == species
-            tokens[entries] = layout.local_to_global[species][local[entries]]
+        tokens = ranked.astype(np.int64)
         cu, (tokens,) = _with_cls(lengths, (tokens, layout.cls_id))
         special = np.zeros(len(tokens), dtype=bool)
         special[cu[:-1]] = True

@@ -9,19 +9,23 @@ dataset and one per species add them up:
 - `n_cells`: cells with a non-zero count,
 - `sum`, `sum_sq`: of the normalized value `count / total_counts * target_sum` (the value
   Geneformer's tokenizer divides by the gene's median),
-- the non-zero normalized values themselves, exactly, while the gene is detected in at most
-  `exact_max_cells` cells (default 10,000): the median of a rarely seen gene is exact;
-- beyond that, a histogram of the values on a log2 grid of `RESOLUTION` bins per octave
-  (`hist_start`: first bin, `hist`: counts of consecutive bins). A bin spans a factor
-  2**(1/256) (0.27%); within the bin holding a median, values are placed evenly by rank on the
-  log scale, which keeps the estimate well inside the bin.
+- the distribution of the non-zero normalized values, kept in three tiers as a gene is seen
+  in more cells:
 
-The structure is bounded (at most `exact_max_cells` values or one histogram spanning the gene's
-range per gene, whatever the number of cells and datasets), it adds exactly across files (the
-histograms are integer counts), and the merged result depends only on the set of inputs:
-merges visit them in a fixed order (sorted by name). Geneformer merged t-digests of its corpus
-(Theodoris et al. 2023); exact small sets plus fine histograms give the median within 0.1% for
-the genes where the histogram is used (`tests/test_gene_stats.py`) and exactly otherwise.
+  1. up to `exact_max_cells` cells (default 1,000): the values themselves (`values`): the
+     median of a rarely seen gene is exact;
+  2. up to `quantized_max_cells` (default 10,000): each value as its bin on a log2 grid of
+     4,096 bins per octave (`codes`, 0.017% wide: the median is within 0.01%);
+  3. beyond: a histogram on a grid of `RESOLUTION` = 256 bins per octave (`hist_start`: first
+     bin, `hist`: counts of consecutive bins); with this many cells the median's bin holds
+     enough values that placing them evenly by rank keeps the estimate within 0.1%.
+
+Memory is bounded per gene (8 KB of values, 40 KB of codes, or one histogram over the gene's
+range), whatever the number of cells and datasets; the statistics add exactly across files
+(codes and histogram counts are integers; a tier-3 bin is a tier-2 code divided by 16), and
+the merged result depends only on the set of inputs: merges visit them in a fixed order (sorted
+by name). Geneformer merged t-digests of its corpus (Theodoris et al. 2023); the tiers give
+exact medians for rare genes and bounded error for the others (`tests/test_gene_stats.py`).
 """
 
 from __future__ import annotations
@@ -32,12 +36,17 @@ from pathlib import Path
 import numba
 import numpy as np
 import polars as pl
-from numba.typed import List as TypedList
 
-# Histogram resolution: bins per octave of the normalized value.
+# Tier 3 histogram resolution (bins per octave) and tier 2 code resolution (a multiple of it).
 RESOLUTION = 256
-# Genes detected in at most this many cells keep their exact values.
-EXACT_MAX_CELLS = 10_000
+CODE_RESOLUTION = 2048
+_CODE_SHIFT = 3  # CODE_RESOLUTION = RESOLUTION << _CODE_SHIFT
+# Codes and bins are of y = -log2(value / target_sum) = -log2(count / total) in [0, 32):
+# a uint16 code holds it at 2,048 per octave (cells of up to 2^32 counts).
+_N_CODES = 32 * CODE_RESOLUTION
+# Genes detected in at most this many cells keep exact values; up to QUANTIZED_MAX_CELLS, codes.
+EXACT_MAX_CELLS = 1_000
+QUANTIZED_MAX_CELLS = 10_000
 SCHEMA = {
     "gene_id": pl.Utf8,
     "n_obs": pl.Int64,
@@ -45,75 +54,281 @@ SCHEMA = {
     "sum": pl.Float64,
     "sum_sq": pl.Float64,
     "values": pl.List(pl.Float64),
+    "codes": pl.List(pl.UInt16),
     "hist_start": pl.Int32,
     "hist": pl.List(pl.Int64),
+    "target_sum": pl.Float64,
 }
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+_EXACT, _CODED, _BINNED = 0, 1, 2
+# Histograms cover the 32 octaves of y.
+_MIN_BIN, _MAX_BIN = 0, 32 * RESOLUTION
+_SPAN = _MAX_BIN - _MIN_BIN
 # Spare bins allocated around a histogram when it grows (amortises re-allocation).
 _HIST_SLACK = 64
+# Pools a kernel ran out of (it returns where to resume once the pool has grown).
+_FULL_VALUES, _FULL_CODES, _FULL_HIST = 1, 2, 3
 
 
 @numba.njit(**_JIT)
-def _log2_bin(value: float, resolution: int) -> int:
-    return int(np.floor(np.log2(value) * resolution))
+def _code(value, target_sum):
+    code = np.int64(np.floor(-np.log2(value / target_sum) * CODE_RESOLUTION))
+    return min(max(code, 0), _N_CODES - 1)
+
+
+# The per-gene state lives in flat pools (numpy arrays, no per-gene objects, so the kernels run
+# at native speed): a gene's values (tier 1) or codes (tier 2) occupy a region [off, off + cap)
+# of the value or code pool, its histogram (tier 3) a region of the histogram pool starting at
+# bin hstart. A region that grows moves to the end of its pool; the dead space is reclaimed by
+# `_compact_pools`. `st` holds per gene: tier, fill, off, cap, hstart, hlen; `tops` the used
+# length of each pool. Before each entry a kernel checks that the pools can absorb the worst
+# case of one step; if not, it returns the entry to resume from and which pool to grow.
 
 
 @numba.njit(**_JIT)
-def _hist_add(hists, starts, gene, b, count):  # pragma: no cover - compiled
-    hist = hists[gene]
-    start = starts[gene]
-    if hist.shape[0] == 0:
-        hist = np.zeros(2 * _HIST_SLACK, dtype=np.int64)
-        start = b - _HIST_SLACK
-        hists[gene] = hist
-        starts[gene] = start
-    elif b < start or b >= start + hist.shape[0]:
-        low = min(start, b - _HIST_SLACK)
-        high = max(start + hist.shape[0], b + _HIST_SLACK)
-        grown = np.zeros(high - low, dtype=np.int64)
-        grown[start - low : start - low + hist.shape[0]] = hist
-        hist = grown
-        start = low
-        hists[gene] = hist
-        starts[gene] = start
-    hist[b - start] += count
+def _has_room(vpool, cpool, hpool, tops, exact_max, coded_max):
+    if tops[0] + 2 * exact_max + 8 > vpool.shape[0]:
+        return _FULL_VALUES
+    if tops[1] + 2 * coded_max + 64 > cpool.shape[0]:
+        return _FULL_CODES
+    if tops[2] + _SPAN + 2 * _HIST_SLACK > hpool.shape[0]:
+        return _FULL_HIST
+    return 0
 
 
 @numba.njit(**_JIT)
-def _add_cells(
-    indptr,
-    indices,
-    counts,
-    total_counts,
-    target_sum,
-    n_cells,
-    sums,
-    sums_sq,
-    buf_gene,
-    buf_value,
-    buf_len,
-    exact_max,
-    hists,
-    starts,
-    resolution,
+def _hist_add(st, hpool, tops, gene, b, count):  # pragma: no cover - compiled
+    b = min(max(b, _MIN_BIN), _MAX_BIN - 1)
+    _hist_cover(st, hpool, tops, gene, b, b + 1)
+    hpool[st[gene, 2] + b - st[gene, 4]] += count
+
+
+@numba.njit(**_JIT)
+def _hist_cover(st, hpool, tops, gene, low, high):  # pragma: no cover - compiled
+    """Make a gene's histogram region cover bins [low, high) (one move at most)."""
+    off, start, length = st[gene, 2], st[gene, 4], st[gene, 5]
+    if length and start <= low and high <= start + length:
+        return
+    new_low = low - _HIST_SLACK if length == 0 else min(start, low - _HIST_SLACK)
+    new_high = high + _HIST_SLACK if length == 0 else max(start + length, high + _HIST_SLACK)
+    new_low, new_high = max(new_low, _MIN_BIN), min(new_high, _MAX_BIN)
+    new = tops[2]
+    hpool[new : new + new_high - new_low] = 0
+    if length:
+        hpool[new + start - new_low : new + start - new_low + length] = hpool[off : off + length]
+        tops[5] += length
+    tops[2] = new + new_high - new_low
+    st[gene, 2], st[gene, 4], st[gene, 5] = new, new_low, new_high - new_low
+
+
+@numba.njit(**_JIT)
+def _to_codes(st, vpool, cpool, tops, gene, coded_max, target_sum):  # pragma: no cover - compiled
+    n, off = st[gene, 1], st[gene, 2]
+    cap = min(max(2 * n, 64), max(coded_max, 1))
+    new = tops[1]
+    for i in range(n):
+        cpool[new + i] = _code(vpool[off + i], target_sum)
+    tops[1] = new + cap
+    tops[3] += st[gene, 3]
+    st[gene, 0], st[gene, 2], st[gene, 3] = _CODED, new, cap
+
+
+@numba.njit(**_JIT)
+def _to_hist(st, cpool, hpool, tops, gene):  # pragma: no cover - compiled
+    n, off = st[gene, 1], st[gene, 2]
+    tops[4] += st[gene, 3]
+    if n == 0:  # nothing to bin yet: the first bin added allocates the region
+        st[gene, 0], st[gene, 1], st[gene, 2], st[gene, 3], st[gene, 5] = _BINNED, 0, 0, 0, 0
+        return
+    # One region covering every code's bin (at most _SPAN bins: within the room checked).
+    low, high = _MAX_BIN, _MIN_BIN
+    for i in range(n):
+        b = np.int64(cpool[off + i]) >> _CODE_SHIFT
+        low, high = min(low, b), max(high, b + 1)
+    low, high = max(low - _HIST_SLACK, _MIN_BIN), min(high + _HIST_SLACK, _MAX_BIN)
+    new = tops[2]
+    hpool[new : new + high - low] = 0
+    tops[2] = new + high - low
+    st[gene, 0], st[gene, 1], st[gene, 2], st[gene, 3] = _BINNED, 0, new, 0
+    st[gene, 4], st[gene, 5] = low, high - low
+    for i in range(n):
+        hpool[new + (np.int64(cpool[off + i]) >> _CODE_SHIFT) - low] += 1
+
+
+@numba.njit(**_JIT)
+def _append(
+    st, vpool, cpool, hpool, tops, gene, value, code, exact_max, coded_max, target_sum
 ):  # pragma: no cover - compiled
-    # Entries in file order, one at a time: the float sums do not depend on block boundaries.
+    """Add one value (or, when value < 0, one code) to a gene, moving it up a tier when full."""
+    if st[gene, 0] == _EXACT and (value < 0 or st[gene, 1] >= exact_max):
+        _to_codes(st, vpool, cpool, tops, gene, coded_max, target_sum)
+    if st[gene, 0] == _CODED and st[gene, 1] >= coded_max:
+        _to_hist(st, cpool, hpool, tops, gene)
+    tier = st[gene, 0]
+    if tier == _BINNED:
+        _hist_add(
+            st,
+            hpool,
+            tops,
+            gene,
+            (code if value < 0 else _code(value, target_sum)) >> _CODE_SHIFT,
+            1,
+        )
+        return
+    n, off, cap = st[gene, 1], st[gene, 2], st[gene, 3]
+    pool_index = 0 if tier == _EXACT else 1
+    if n == cap:  # move the region to the end of its pool, twice as large
+        limit = exact_max if tier == _EXACT else coded_max
+        new_cap = min(max(cap + cap // 2, 8 if tier == _EXACT else 64), max(limit, 1))
+        new = tops[pool_index]
+        if tier == _EXACT:
+            vpool[new : new + n] = vpool[off : off + n]
+        else:
+            cpool[new : new + n] = cpool[off : off + n]
+        tops[pool_index] = new + new_cap
+        tops[3 + pool_index] += cap
+        st[gene, 2], st[gene, 3] = new, new_cap
+        off = new
+    if tier == _EXACT:
+        vpool[off + n] = value
+    else:
+        cpool[off + n] = code if value < 0 else _code(value, target_sum)
+    st[gene, 1] = n + 1
+
+
+@numba.njit(**_JIT)
+def _reserve(st, vpool, cpool, tops, gene, need, limit, pool_index):  # pragma: no cover - compiled
+    """Make a tier-1 or tier-2 region hold at least `need` entries (at most `limit`)."""
+    n, off, cap = st[gene, 1], st[gene, 2], st[gene, 3]
+    if need <= cap:
+        return
+    new_cap = min(max(cap + cap // 2, need, 8 if pool_index == 0 else 64), max(limit, 1))
+    new = tops[pool_index]
+    if pool_index == 0:
+        vpool[new : new + n] = vpool[off : off + n]
+    else:
+        cpool[new : new + n] = cpool[off : off + n]
+    tops[pool_index] = new + new_cap
+    tops[3 + pool_index] += cap
+    st[gene, 2], st[gene, 3] = new, new_cap
+
+
+@numba.njit(**_JIT)
+def _append_run(
+    st, vpool, cpool, hpool, tops, gene, values, bins, exact_max, coded_max, target_sum
+):  # pragma: no cover - compiled
+    """Add a gene's run of values in order, moving it up the tiers as it fills (one region
+    move per tier at most, within what `_has_room` guarantees)."""
+    i = 0
+    m = values.shape[0]
+    while i < m:
+        tier = st[gene, 0]
+        n = st[gene, 1]
+        if tier == _EXACT:
+            if n >= exact_max:
+                _to_codes(st, vpool, cpool, tops, gene, coded_max, target_sum)
+                continue
+            take = min(m - i, exact_max - n)
+            _reserve(st, vpool, cpool, tops, gene, n + take, exact_max, 0)
+            off = st[gene, 2]
+            vpool[off + n : off + n + take] = values[i : i + take]
+        elif tier == _CODED:
+            if n >= coded_max:
+                _to_hist(st, cpool, hpool, tops, gene)
+                continue
+            take = min(m - i, coded_max - n)
+            _reserve(st, vpool, cpool, tops, gene, n + take, coded_max, 1)
+            off = st[gene, 2]
+            for k in range(take):
+                cpool[off + n + k] = _code(values[i + k], target_sum)
+        else:
+            low, high = _MAX_BIN, _MIN_BIN
+            for k in range(i, m):
+                b = _code(values[k], target_sum) >> _CODE_SHIFT
+                bins[k] = b
+                low, high = min(low, b), max(high, b)
+            _hist_cover(st, hpool, tops, gene, low, high + 1)
+            off, start = st[gene, 2], st[gene, 4]
+            for k in range(i, m):
+                hpool[off + bins[k] - start] += 1
+            return
+        st[gene, 1] = n + take
+        i += take
+
+
+@numba.njit(**_JIT)
+def _values_by_gene(
+    indptr, indices, counts, total_counts, target_sum, n_genes
+):  # pragma: no cover - compiled
+    """A block's normalized values regrouped gene by gene (a counting sort), each gene's in
+    the order of cells: (gene offsets, values)."""
+    col_ptr = np.zeros(n_genes + 1, dtype=np.int64)
+    for j in range(indices.shape[0]):
+        col_ptr[indices[j] + 1] += 1
+    for g in range(n_genes):
+        col_ptr[g + 1] += col_ptr[g]
+    position = col_ptr[:-1].copy()
+    values = np.empty(indices.shape[0], dtype=np.float64)
     for cell in range(indptr.shape[0] - 1):
         total = total_counts[cell]
         for j in range(indptr[cell], indptr[cell + 1]):
             gene = indices[j]
-            value = counts[j] / total * target_sum
-            sums[gene] += value
-            sums_sq[gene] += value * value
-            n = n_cells[gene] + 1
-            n_cells[gene] = n
-            if n <= exact_max:
-                buf_gene[buf_len] = gene
-                buf_value[buf_len] = value
-                buf_len += 1
-            else:
-                _hist_add(hists, starts, gene, _log2_bin(value, resolution), 1)
-    return buf_len
+            values[position[gene]] = counts[j] / total * target_sum
+            position[gene] += 1
+    return col_ptr, values
+
+
+@numba.njit(**_JIT)
+def _add_cells(
+    col_ptr,
+    values,
+    target_sum,
+    resume,
+    n_cells,
+    sums,
+    sums_sq,
+    st,
+    vpool,
+    cpool,
+    hpool,
+    tops,
+    exact_max,
+    coded_max,
+):  # pragma: no cover - compiled
+    # Gene by gene, each gene's cells in file order: the float sums and the stored values
+    # follow the order of cells, so they do not depend on block boundaries; and the gene's
+    # state stays in cache while its run is added.
+    longest = 1
+    for gene in range(col_ptr.shape[0] - 1):
+        longest = max(longest, col_ptr[gene + 1] - col_ptr[gene])
+    bins = np.empty(longest, dtype=np.int64)
+    for gene in range(resume[0], col_ptr.shape[0] - 1):
+        lo, hi = col_ptr[gene], col_ptr[gene + 1]
+        if lo == hi:
+            continue
+        full = _has_room(vpool, cpool, hpool, tops, exact_max, coded_max)
+        if full:
+            resume[0] = gene
+            return full
+        for k in range(lo, hi):
+            sums[gene] += values[k]
+            sums_sq[gene] += values[k] * values[k]
+        n_cells[gene] += hi - lo
+        _append_run(
+            st,
+            vpool,
+            cpool,
+            hpool,
+            tops,
+            gene,
+            values[lo:hi],
+            bins,
+            exact_max,
+            coded_max,
+            target_sum,
+        )
+    resume[0] = col_ptr.shape[0] - 1
+    return 0
 
 
 @numba.njit(**_JIT)
@@ -123,59 +338,158 @@ def _add_rows(
     row_sums,
     row_sums_sq,
     value_offsets,
-    values,
+    row_values,
+    code_offsets,
+    row_codes,
     hist_offsets,
     hist_starts,
     hist_counts,
+    resume,
     n_cells,
     sums,
     sums_sq,
-    buf_gene,
-    buf_value,
-    buf_len,
-    hists,
-    starts,
+    st,
+    vpool,
+    cpool,
+    hpool,
+    tops,
+    exact_max,
+    coded_max,
+    target_sum,
 ):  # pragma: no cover - compiled
-    for row in range(genes.shape[0]):
+    # resume: [row, stage (0 totals, 1 histogram, 2 codes, 3 values), position in the stage]
+    while resume[0] < genes.shape[0]:
+        row = resume[0]
         gene = genes[row]
-        n_cells[gene] += row_n_cells[row]
-        sums[gene] += row_sums[row]
-        sums_sq[gene] += row_sums_sq[row]
-        for j in range(value_offsets[row], value_offsets[row + 1]):
-            buf_gene[buf_len] = gene
-            buf_value[buf_len] = values[j]
-            buf_len += 1
-        for j in range(hist_offsets[row], hist_offsets[row + 1]):
-            if hist_counts[j]:
-                _hist_add(
-                    hists, starts, gene, hist_starts[row] + j - hist_offsets[row], hist_counts[j]
+        if resume[1] == 0:
+            n_cells[gene] += row_n_cells[row]
+            sums[gene] += row_sums[row]
+            sums_sq[gene] += row_sums_sq[row]
+            resume[1], resume[2] = 1, hist_offsets[row]
+        if resume[1] == 1:
+            while resume[2] < hist_offsets[row + 1]:
+                full = _has_room(vpool, cpool, hpool, tops, exact_max, coded_max)
+                if full:
+                    return full
+                j = resume[2]
+                if hist_counts[j]:
+                    if st[gene, 0] == _EXACT:
+                        _to_codes(st, vpool, cpool, tops, gene, coded_max, target_sum)
+                        continue
+                    if st[gene, 0] == _CODED:
+                        _to_hist(st, cpool, hpool, tops, gene)
+                        continue
+                    b = hist_starts[row] + j - hist_offsets[row]
+                    _hist_add(st, hpool, tops, gene, b, hist_counts[j])
+                resume[2] = j + 1
+            resume[1], resume[2] = 2, code_offsets[row]
+        if resume[1] == 2:
+            while resume[2] < code_offsets[row + 1]:
+                full = _has_room(vpool, cpool, hpool, tops, exact_max, coded_max)
+                if full:
+                    return full
+                _append(
+                    st,
+                    vpool,
+                    cpool,
+                    hpool,
+                    tops,
+                    gene,
+                    -1.0,
+                    row_codes[resume[2]],
+                    exact_max,
+                    coded_max,
+                    target_sum,
                 )
-    return buf_len
+                resume[2] += 1
+            resume[1], resume[2] = 3, value_offsets[row]
+        if resume[1] == 3:
+            while resume[2] < value_offsets[row + 1]:
+                full = _has_room(vpool, cpool, hpool, tops, exact_max, coded_max)
+                if full:
+                    return full
+                _append(
+                    st,
+                    vpool,
+                    cpool,
+                    hpool,
+                    tops,
+                    gene,
+                    row_values[resume[2]],
+                    0,
+                    exact_max,
+                    coded_max,
+                    target_sum,
+                )
+                resume[2] += 1
+        resume[0], resume[1], resume[2] = row + 1, 0, 0
+    return 0
 
 
 @numba.njit(**_JIT)
-def _compact(
-    buf_gene, buf_value, buf_len, n_cells, exact_max, hists, starts, resolution
+def _compact_pools(
+    st, vpool, cpool, hpool, new_v, new_c, new_h, tops
 ):  # pragma: no cover - compiled
-    """Move buffered values of genes now above `exact_max` cells into their histograms."""
-    kept = 0
-    for i in range(buf_len):
-        gene = buf_gene[i]
-        if n_cells[gene] > exact_max:
-            _hist_add(hists, starts, gene, _log2_bin(buf_value[i], resolution), 1)
+    """Copy every live region, in gene order, into fresh pools (drops the dead space)."""
+    top_v = top_c = top_h = 0
+    for g in range(st.shape[0]):
+        tier, n, off, cap = st[g, 0], st[g, 1], st[g, 2], st[g, 3]
+        if tier == _EXACT:
+            if cap:
+                new_v[top_v : top_v + n] = vpool[off : off + n]
+                st[g, 2] = top_v
+                top_v += cap
+        elif tier == _CODED:
+            new_c[top_c : top_c + n] = cpool[off : off + n]
+            st[g, 2] = top_c
+            top_c += cap
         else:
-            buf_gene[kept] = gene
-            buf_value[kept] = buf_value[i]
-            kept += 1
-    return kept
+            length = st[g, 5]
+            new_h[top_h : top_h + length] = hpool[off : off + length]
+            st[g, 2] = top_h
+            top_h += length
+    tops[0], tops[1], tops[2] = top_v, top_c, top_h
+    tops[3], tops[4], tops[5] = 0, 0, 0
 
 
 @numba.njit(**_JIT)
-def _empty_hists(n):  # pragma: no cover - compiled
-    hists = TypedList()
-    for _ in range(n):
-        hists.append(np.zeros(0, dtype=np.int64))
-    return hists
+def _flatten(st, vpool, cpool, hpool):  # pragma: no cover - compiled
+    """Per gene, its values (tier 1) or codes (tier 2) in the order they were added, or its
+    trimmed histogram (tier 3), as flat arrays with row offsets, and each histogram's first
+    bin."""
+    n = st.shape[0]
+    v_off = np.zeros(n + 1, dtype=np.int64)
+    c_off = np.zeros(n + 1, dtype=np.int64)
+    h_off = np.zeros(n + 1, dtype=np.int64)
+    first = np.zeros(n, dtype=np.int64)
+    for g in range(n):
+        tier = st[g, 0]
+        v_off[g + 1] = v_off[g] + (st[g, 1] if tier == _EXACT else 0)
+        c_off[g + 1] = c_off[g] + (st[g, 1] if tier == _CODED else 0)
+        lo, hi = 0, 0
+        if tier == _BINNED:
+            off, hi = st[g, 2], st[g, 5]
+            while lo < hi and hpool[off + lo] == 0:
+                lo += 1
+            while hi > lo and hpool[off + hi - 1] == 0:
+                hi -= 1
+        first[g] = lo
+        h_off[g + 1] = h_off[g] + hi - lo
+    values = np.empty(v_off[n], dtype=np.float64)
+    codes = np.empty(c_off[n], dtype=np.uint16)
+    hist = np.empty(h_off[n], dtype=np.int64)
+    starts = np.zeros(n, dtype=np.int32)
+    for g in range(n):
+        tier, count, off = st[g, 0], st[g, 1], st[g, 2]
+        if tier == _EXACT and count:
+            values[v_off[g] : v_off[g + 1]] = vpool[off : off + count]
+        elif tier == _CODED:
+            codes[c_off[g] : c_off[g + 1]] = cpool[off : off + count]
+        elif h_off[g + 1] > h_off[g]:
+            lo = first[g]
+            hist[h_off[g] : h_off[g + 1]] = hpool[off + lo : off + lo + h_off[g + 1] - h_off[g]]
+            starts[g] = st[g, 4] + lo
+    return values, v_off, codes, c_off, hist, h_off, starts
 
 
 class GeneStatsAccumulator:
@@ -189,8 +503,8 @@ class GeneStatsAccumulator:
         Library size of the normalization (`count / total_counts * target_sum`).
     exact_max_cells
         Genes detected in at most this many cells keep their exact values.
-    resolution
-        Histogram bins per octave.
+    quantized_max_cells
+        Up to this many cells, values are kept as fine log2 codes; beyond, a histogram.
     """
 
     def __init__(
@@ -199,46 +513,39 @@ class GeneStatsAccumulator:
         *,
         target_sum: float = 10_000.0,
         exact_max_cells: int = EXACT_MAX_CELLS,
-        resolution: int = RESOLUTION,
+        quantized_max_cells: int = QUANTIZED_MAX_CELLS,
     ) -> None:
         self.n_genes, self.target_sum = n_genes, float(target_sum)
-        self.exact_max_cells, self.resolution = int(exact_max_cells), int(resolution)
+        self.exact_max = int(exact_max_cells)
+        self.coded_max = max(int(quantized_max_cells), self.exact_max, 1)
         self.n_obs = np.zeros(n_genes, dtype=np.int64)
         self.n_cells = np.zeros(n_genes, dtype=np.int64)
         self.sums = np.zeros(n_genes, dtype=np.float64)
         self.sums_sq = np.zeros(n_genes, dtype=np.float64)
-        self._buf_gene = np.empty(1 << 16, dtype=np.int32)
-        self._buf_value = np.empty(1 << 16, dtype=np.float64)
-        self._buf_len = 0
-        self._compacted_at = 0
-        self._starts = np.zeros(n_genes, dtype=np.int64)
-        self._hists = _empty_hists(n_genes)
+        self._st = np.zeros((n_genes, 6), dtype=np.int64)
+        self._tops = np.zeros(6, dtype=np.int64)
+        self._vpool = np.empty(1 << 16, dtype=np.float64)
+        self._cpool = np.empty(1 << 18, dtype=np.uint16)
+        self._hpool = np.empty(1 << 18, dtype=np.int32)
 
-    def _reserve(self, extra: int) -> None:
-        needed = self._buf_len + extra
-        if needed > len(self._buf_gene):
-            capacity = max(needed, 2 * len(self._buf_gene))
-            self._buf_gene = np.resize(self._buf_gene, capacity)
-            self._buf_value = np.resize(self._buf_value, capacity)
+    def _grow(self, full: int) -> None:
+        """Make room in the pool a kernel ran out of: compact when over half of it is dead,
+        else double it."""
+        index = full - 1
+        pools = ["_vpool", "_cpool", "_hpool"]
+        used, dead = self._tops[index], self._tops[3 + index]
+        if dead * 3 > used:
+            fresh = [np.empty_like(getattr(self, name)) for name in pools]
+            _compact_pools(self._st, self._vpool, self._cpool, self._hpool, *fresh, self._tops)
+            self._vpool, self._cpool, self._hpool = fresh
+        else:
+            pool = getattr(self, pools[index])
+            grown = np.empty(len(pool) + len(pool) // 2, dtype=pool.dtype)
+            grown[:used] = pool[:used]
+            setattr(self, pools[index], grown)
 
-    def _maybe_compact(self) -> None:
-        # Compact when the buffer doubled since the last compaction: amortised linear time,
-        # and the buffer stays within twice the values that must be kept.
-        if self._buf_len > max(1 << 16, 2 * self._compacted_at):
-            self._compact()
-
-    def _compact(self) -> None:
-        self._buf_len = _compact(
-            self._buf_gene,
-            self._buf_value,
-            self._buf_len,
-            self.n_cells,
-            self.exact_max_cells,
-            self._hists,
-            self._starts,
-            self.resolution,
-        )
-        self._compacted_at = self._buf_len
+    def _pools(self) -> tuple:
+        return self._st, self._vpool, self._cpool, self._hpool, self._tops
 
     def add_cells(
         self,
@@ -250,85 +557,64 @@ class GeneStatsAccumulator:
         """Add a block of cells: CSR arrays over this accumulator's genes (raw counts) and each
         cell's total count (the normalization's denominator, > 0)."""
         indptr = np.asarray(indptr, dtype=np.int64)
-        self._reserve(int(indptr[-1] - indptr[0]))
+        indptr = indptr - indptr[0]
         self.n_obs += len(indptr) - 1
-        self._buf_len = _add_cells(
-            indptr - indptr[0],
-            np.asarray(indices, dtype=np.int64),
-            np.asarray(counts, dtype=np.float64),
+        col_ptr, values = _values_by_gene(
+            indptr,
+            np.asarray(indices),
+            np.asarray(counts),
             np.asarray(total_counts, dtype=np.float64),
             self.target_sum,
-            self.n_cells,
-            self.sums,
-            self.sums_sq,
-            self._buf_gene,
-            self._buf_value,
-            self._buf_len,
-            self.exact_max_cells,
-            self._hists,
-            self._starts,
-            self.resolution,
+            self.n_genes,
         )
-        self._maybe_compact()
+        resume = np.zeros(2, dtype=np.int64)
+        args = (col_ptr, values, self.target_sum, resume, self.n_cells, self.sums, self.sums_sq)
+        while full := _add_cells(*args, *self._pools(), self.exact_max, self.coded_max):
+            self._grow(full)
 
     def add_table(self, table: pl.DataFrame, genes: np.ndarray) -> None:
-        """Add a statistics table (`SCHEMA`) whose row i is gene `genes[i]` of this accumulator.
+        """Add a statistics table (`SCHEMA`) whose row i is gene `genes[i]` of this accumulator."""
 
-        Raises
-        ------
-        ValueError
-            When the table was made with another histogram resolution or exact threshold.
-        """
-        values = table["values"]
-        hist = table["hist"]
-        value_offsets = np.concatenate([[0], np.cumsum(values.list.len().to_numpy())]).astype(
-            np.int64
-        )
-        hist_offsets = np.concatenate([[0], np.cumsum(hist.list.len().to_numpy())]).astype(np.int64)
-        flat_values = values.explode().drop_nulls().to_numpy().astype(np.float64)
-        flat_hist = hist.explode().drop_nulls().to_numpy().astype(np.int64)
+        def flat(column: str, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+            series = table[column]
+            offsets = np.concatenate([[0], np.cumsum(series.list.len().to_numpy())]).astype(
+                np.int64
+            )
+            return series.explode().drop_nulls().to_numpy().astype(dtype), offsets
+
+        values, value_offsets = flat("values", np.float64)
+        codes, code_offsets = flat("codes", np.int64)
+        hist, hist_offsets = flat("hist", np.int64)
         genes = np.asarray(genes, dtype=np.int64)
         np.add.at(self.n_obs, genes, table["n_obs"].to_numpy())
-        self._reserve(len(flat_values))
-        self._buf_len = _add_rows(
+        resume = np.zeros(3, dtype=np.int64)
+        args = (
             genes,
             table["n_cells"].to_numpy().astype(np.int64),
             table["sum"].to_numpy().astype(np.float64),
             table["sum_sq"].to_numpy().astype(np.float64),
             value_offsets,
-            flat_values,
+            values,
+            code_offsets,
+            codes,
             hist_offsets,
             table["hist_start"].to_numpy().astype(np.int64),
-            flat_hist,
+            hist,
+            resume,
             self.n_cells,
             self.sums,
             self.sums_sq,
-            self._buf_gene,
-            self._buf_value,
-            self._buf_len,
-            self._hists,
-            self._starts,
         )
-        self._maybe_compact()
+        while full := _add_rows(
+            *args, *self._pools(), self.exact_max, self.coded_max, self.target_sum
+        ):
+            self._grow(full)
 
     def table(self, gene_ids: Sequence[str] | np.ndarray) -> pl.DataFrame:
-        """The statistics as a table (`SCHEMA`), one row per gene in the order of `gene_ids`."""
-        self._compact()
-        gene = self._buf_gene[: self._buf_len]
-        value = self._buf_value[: self._buf_len]
-        order = np.lexsort((value, gene))
-        gene, value = gene[order], value[order]
-        offsets = np.searchsorted(gene, np.arange(self.n_genes + 1)).astype(np.int64)
-        starts = np.zeros(self.n_genes, dtype=np.int32)
-        hist_lists = []
-        for g in range(self.n_genes):
-            hist = self._hists[g]
-            nonzero = np.flatnonzero(hist)
-            if nonzero.size:
-                starts[g] = self._starts[g] + nonzero[0]
-                hist_lists.append(hist[nonzero[0] : nonzero[-1] + 1])
-            else:
-                hist_lists.append(hist[:0])
+        """The statistics as a table (`SCHEMA`), one row per gene in the order of `gene_ids`;
+        values and codes in the order they were added (cells in file order, inputs in merge
+        order)."""
+        values, v_off, codes, c_off, hist, h_off, starts = _flatten(*self._pools()[:4])
         frame = pl.DataFrame(
             {
                 "gene_id": np.asarray(gene_ids, dtype=str),
@@ -336,13 +622,11 @@ class GeneStatsAccumulator:
                 "n_cells": self.n_cells,
                 "sum": self.sums,
                 "sum_sq": self.sums_sq,
-                "values": _list_series(value, offsets, pl.Float64),
+                "values": _list_series(values, v_off, pl.Float64),
+                "codes": _list_series(codes, c_off, pl.UInt16),
                 "hist_start": starts,
-                "hist": _list_series(
-                    np.concatenate(hist_lists) if hist_lists else np.zeros(0, np.int64),
-                    np.concatenate([[0], np.cumsum([len(h) for h in hist_lists])]).astype(np.int64),
-                    pl.Int64,
-                ),
+                "hist": _list_series(hist, h_off, pl.Int64),
+                "target_sum": np.full(self.n_genes, self.target_sum),
             }
         )
         return frame.cast(SCHEMA)
@@ -365,6 +649,7 @@ def merge_gene_stats(
     tables: Iterable[pl.DataFrame | str | Path],
     *,
     exact_max_cells: int = EXACT_MAX_CELLS,
+    quantized_max_cells: int = QUANTIZED_MAX_CELLS,
 ) -> pl.DataFrame:
     """Add statistics tables (or parquet files of them) gene by gene.
 
@@ -373,11 +658,21 @@ def merge_gene_stats(
     merged state (bounded per gene, see the module docstring).
     """
     sources = list(tables)
-    gene_ids = sorted(
-        set().union(*(set(_read(source, ["gene_id"])["gene_id"].to_list()) for source in sources))
-    )
+    heads = [_read(source, ["gene_id", "target_sum"]) for source in sources]
+    target_sums = {float(t) for head in heads for t in head["target_sum"].unique().to_list()}
+    if len(target_sums) > 1:
+        raise ValueError(
+            f"gene statistics were made with different target_sum values {sorted(target_sums)}; "
+            "their normalized values cannot be merged"
+        )
+    gene_ids = sorted(set().union(*(set(head["gene_id"].to_list()) for head in heads)))
     index = {g: i for i, g in enumerate(gene_ids)}
-    accumulator = GeneStatsAccumulator(len(gene_ids), exact_max_cells=exact_max_cells)
+    accumulator = GeneStatsAccumulator(
+        len(gene_ids),
+        target_sum=target_sums.pop() if target_sums else 10_000.0,
+        exact_max_cells=exact_max_cells,
+        quantized_max_cells=quantized_max_cells,
+    )
     for source in sources:
         table = _read(source)
         genes = np.fromiter((index[g] for g in table["gene_id"].to_list()), np.int64, table.height)
@@ -392,61 +687,66 @@ def _read(source: pl.DataFrame | str | Path, columns: list[str] | None = None) -
 
 
 @numba.njit(**_JIT)
-def _order_statistic(hist, start, rank, resolution):  # pragma: no cover - compiled
-    """Estimate of the value of 0-based `rank` from a histogram: its bin, placed by rank."""
+def _order_statistic(hist, start, rank):  # pragma: no cover - compiled
+    """y = -log2(value / target_sum) of the 0-based `rank` (ascending y) in a histogram: its
+    bin, with the bin's values placed evenly by rank."""
     seen = 0
     for i in range(hist.shape[0]):
         count = hist[i]
         if rank < seen + count:
-            within = (rank - seen + 0.5) / count
-            return np.exp2((start + i + within) / resolution)
+            return (start + i + (rank - seen + 0.5) / count) / RESOLUTION
         seen += count
     return np.nan
 
 
 @numba.njit(**_JIT)
-def _hist_medians(offsets, flat, starts, n, resolution):  # pragma: no cover - compiled
+def _hist_medians(offsets, flat, starts, n, target_sum):  # pragma: no cover - compiled
     out = np.full(offsets.shape[0] - 1, np.nan)
     for g in range(out.shape[0]):
         if n[g] == 0 or offsets[g + 1] == offsets[g]:
             continue
         hist = flat[offsets[g] : offsets[g + 1]]
-        low = (n[g] - 1) // 2
-        high = n[g] // 2
-        a = _order_statistic(hist, starts[g], low, resolution)
-        b = a if high == low else _order_statistic(hist, starts[g], high, resolution)
+        a = target_sum[g] * np.exp2(-_order_statistic(hist, starts[g], (n[g] - 1) // 2))
+        b = target_sum[g] * np.exp2(-_order_statistic(hist, starts[g], n[g] // 2))
         out[g] = (a + b) / 2
     return out
 
 
-def nonzero_medians(
-    stats: pl.DataFrame, *, resolution: int = RESOLUTION
-) -> tuple[np.ndarray, np.ndarray]:
+def nonzero_medians(stats: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Median of each gene's non-zero normalized values, and whether it is exact.
 
     Exact values give `np.median`'s result (the mean of the two middle values for an even
-    count); histograms give the mean of the two middle order statistics, each estimated by
-    spreading its bin's values evenly (by rank) over the bin on the log scale. Genes never
-    detected get NaN.
+    count); codes the mean of the two middle codes' bin centres (log scale); histograms the
+    mean of the two middle order statistics, each estimated by spreading its bin's values
+    evenly (by rank) over the bin on the log scale. Genes never detected get NaN.
     """
     medians = np.full(stats.height, np.nan)
-    exact = stats["values"].list.len().to_numpy() > 0
-    if exact.any():
-        for i, values in zip(
-            np.flatnonzero(exact), stats.filter(pl.Series(exact))["values"].to_list(), strict=True
-        ):
-            medians[i] = np.median(np.asarray(values, dtype=np.float64))
+    target_sum = stats["target_sum"].to_numpy().astype(np.float64)
+    exact = (stats["values"].list.len() > 0).to_numpy()
+    for i, values in zip(
+        np.flatnonzero(exact), stats.filter(pl.Series(exact))["values"].to_list(), strict=True
+    ):
+        medians[i] = np.median(np.asarray(values, dtype=np.float64))
+    coded = (stats["codes"].list.len() > 0).to_numpy()
+    for i, codes in zip(
+        np.flatnonzero(coded), stats.filter(pl.Series(coded))["codes"].to_list(), strict=True
+    ):
+        codes = np.sort(np.asarray(codes, dtype=np.float64))
+        n = len(codes)
+        middle = codes[[(n - 1) // 2, n // 2]]
+        medians[i] = float(np.mean(target_sum[i] * np.exp2(-(middle + 0.5) / CODE_RESOLUTION)))
     hist = stats["hist"]
     offsets = np.concatenate([[0], np.cumsum(hist.list.len().to_numpy())]).astype(np.int64)
     flat = hist.explode().drop_nulls().to_numpy().astype(np.int64)
+    binned = (hist.list.len() > 0).to_numpy()
     from_hist = _hist_medians(
         offsets,
         flat,
         stats["hist_start"].to_numpy().astype(np.int64),
         stats["n_cells"].to_numpy().astype(np.int64),
-        resolution,
+        target_sum,
     )
-    medians[~exact] = from_hist[~exact]
+    medians[binned] = from_hist[binned]
     return medians, exact
 
 

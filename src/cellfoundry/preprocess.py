@@ -17,6 +17,7 @@ never reprocesses the others.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import re
@@ -36,7 +37,7 @@ from cellfoundry.discretize import quantile_bins_csr
 from cellfoundry.errors import DatasetError
 from cellfoundry.formats import PREPROCESS as FORMAT_VERSION
 from cellfoundry.gene_stats import EXACT_MAX_CELLS, GeneStatsAccumulator, merge_gene_stats
-from cellfoundry.io import atomic_outputs, read_json, sha256, write_json
+from cellfoundry.io import atomic_outputs, blake3, read_json, write_json
 from cellfoundry.readers import GENE_EXPRESSION, CellReader, CscTooLarge, open_source
 from cellfoundry.reference import ENSEMBL_ID, NCBI_TAXON, GeneReference, symbol_index
 from cellfoundry.shards import ShardWriter, write_dataset_manifest
@@ -475,7 +476,7 @@ def find_counts(reader: CellReader, where: str, dataset: str, path: Path, block_
             _, block = next(reader.blocks(candidate, min(block_cells, 1024)))
         except CscTooLarge as error:
             raise DatasetError(dataset, path, str(error)) from error
-        problem = check_counts(block, 0, reader, candidate)[0]
+        problem = check_counts(block, 0, reader, candidate)[1]
         if problem is None:
             return candidate
         problems.append(f"{candidate} {problem}")
@@ -499,33 +500,57 @@ def find_counts(reader: CellReader, where: str, dataset: str, path: Path, block_
     )
 
 
+_COUNT_PROBLEMS = {
+    1: "NaN values",
+    2: "infinite values",
+    3: "negative values",
+    4: "non-integer values",
+    5: "values above 2^31 - 1",
+}
+
+
+@numba.njit(cache=True, nogil=True)
+def _as_counts(data, tolerance):  # pragma: no cover - compiled
+    """int32 counts of a block's values, in one pass: (counts, problem, position, rounded).
+
+    problem: 0 none, 1 NaN, 2 infinite, 3 negative, 4 not within `tolerance` of an integer,
+    5 above int32; position: the first offending value; rounded: values that were not exact
+    integers but within the tolerance.
+    """
+    out = np.empty(data.shape[0], dtype=np.int32)
+    rounded = 0
+    for i in range(data.shape[0]):
+        x = data[i]
+        if x != x:
+            return out, 1, i, rounded
+        if np.isinf(np.float64(x)):
+            return out, 2, i, rounded
+        if x < 0:
+            return out, 3, i, rounded
+        r = np.rint(np.float64(x))
+        if r > 2147483647.0:
+            return out, 5, i, rounded
+        if r != x:
+            if abs(np.float64(x) - r) > tolerance:
+                return out, 4, i, rounded
+            rounded += 1
+        out[i] = np.int32(r)
+    return out, 0, -1, rounded
+
+
 def check_counts(
     block: sp.csr_matrix, start: int, reader: CellReader, location: str
-) -> tuple[str | None, int]:
-    """(problem, number of values rounded): counts must be finite, non-negative integers;
+) -> tuple[np.ndarray, str | None, int]:
+    """(int32 counts, problem, values rounded): counts must be finite, non-negative integers;
     values within `INTEGER_TOLERANCE` of an integer are accepted (and rounded)."""
-    data = block.data
-    if data.dtype.kind in "iu":
-        bad = np.flatnonzero(data < 0) if data.dtype.kind == "i" else np.zeros(0, int)
-        if bad.size:
-            return f"holds negative values{_where(block, bad[0], start, reader, location)}", 0
-        return None, 0
-    finite = np.isfinite(data)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        kind = "NaN" if np.isnan(data[bad[0]]) else "infinite"
-        return f"holds {kind} values{_where(block, bad[0], start, reader, location)}", 0
-    bad = np.flatnonzero(data < 0)
-    if bad.size:
-        return f"holds negative values{_where(block, bad[0], start, reader, location)}", 0
-    distance = np.abs(data - np.rint(data))
-    bad = np.flatnonzero(distance > INTEGER_TOLERANCE)
-    if bad.size:
-        return (
-            f"holds non-integer values such as {data[bad[0]]:.6g}"
-            f"{_where(block, bad[0], start, reader, location)} (normalised data?)"
-        ), 0
-    return None, int(np.count_nonzero(distance))
+    counts, problem, position, rounded = _as_counts(block.data, INTEGER_TOLERANCE)
+    if not problem:
+        return counts, None, rounded
+    text = _COUNT_PROBLEMS[problem]
+    if problem == 4:
+        text += f" such as {block.data[position]:.6g}"
+    where = _where(block, position, start, reader, location)
+    return counts, f"holds {text}{where}" + (" (normalised data?)" if problem == 4 else ""), 0
 
 
 def _where(
@@ -568,7 +593,7 @@ def _collapse(indptr, indices, counts, keep, out_col, primary):  # pragma: no co
             size += indptr[cell + 1] - indptr[cell]
     out_indptr = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
     genes = np.empty(size, dtype=np.int32)
-    values = np.empty(size, dtype=np.int64)
+    values = np.empty(size, dtype=np.int32)
     k = 0
     row = 0
     for cell in range(n):
@@ -702,12 +727,15 @@ def preprocess_file(
         atomic_outputs(
             outputs.h5ad, outputs.shard, outputs.gene_stats, outputs.qc, outputs.cells
         ) as (h5ad_path, shard_path, stats_path, qc_path, cells_path),
+        contextlib.ExitStack() as stack,
     ):
         check_organism(reader.organisms(), species, dataset, path)
         location = find_counts(reader, settings.counts, dataset, path, block_cells)
         var = reader.var(location)
         plan = plan_features(var, dataset, species, path, reference, settings)
         writer = ShardWriter(shard_path, n_bins=n_bins)
+        h5ad = H5adWriter(h5ad_path, max_nnz=reader.stored_entries(location))
+        stack.callback(h5ad.abort)
         stats = GeneStatsAccumulator(
             len(plan.gene_ids), target_sum=settings.target_sum, exact_max_cells=exact_max_cells
         )
@@ -715,7 +743,7 @@ def preprocess_file(
         metrics: list[tuple[np.ndarray, ...]] = []
         n_rounded = 0
         for start, block in _blocks(reader, location, block_cells, dataset, path):
-            problem, rounded = check_counts(block, start, reader, location)
+            counts, problem, rounded = check_counts(block, start, reader, location)
             if problem is not None:
                 raise DatasetError(
                     dataset,
@@ -723,36 +751,18 @@ def preprocess_file(
                     f"{location} {problem} (counts must be finite, non-negative integers)",
                 )
             n_rounded += rounded
-            counts = (
-                np.rint(block.data).astype(np.int64)
-                if block.data.dtype.kind == "f"
-                else block.data.astype(np.int64)
-            )
-            if counts.size and counts.max() >= 2**31:
-                raise DatasetError(
-                    dataset, path, f"{location} holds a count of {counts.max()}, above 2^31 - 1"
-                )
             total, n_genes, mito_counts = _cell_metrics(
-                block.indptr.astype(np.int64),
-                block.indices.astype(np.int64),
-                counts,
-                plan.role,
-                plan.mito,
-                feature_sums,
+                block.indptr, block.indices, counts, plan.role, plan.mito, feature_sums
             )
             mito = np.divide(mito_counts, total, out=np.zeros_like(total), where=total > 0)
             keep = _qc_keep(total, n_genes, mito, settings)
             metrics.append((total, n_genes, mito, keep))
             out_indptr, genes, values = _collapse(
-                block.indptr.astype(np.int64),
-                block.indices.astype(np.int64),
-                counts,
-                keep,
-                plan.out_col,
-                plan.primary,
+                block.indptr, block.indices, counts, keep, plan.out_col, plan.primary
             )
             bins = quantile_bins_csr(out_indptr, values, n_bins)
             writer.append(out_indptr, genes, values, bins, total[keep])
+            h5ad.append(out_indptr, genes, values)
             stats.add_cells(out_indptr, genes, values, total[keep])
         n_rounded and log.warning(
             "%s: %s: %d values within %g of integers were rounded",
@@ -788,9 +798,7 @@ def preprocess_file(
         info = writer.close(
             out_var, obs, {"dataset": dataset, "species": species, "file": f"{source.name}.h5ad"}
         )
-        write_h5ad(
-            h5ad_path,
-            shard_path,
+        h5ad.close(
             obs,
             out_var,
             {"cellfoundry": {"dataset": dataset, "species": species, "counts_source": location}},
@@ -835,7 +843,7 @@ def preprocess_file(
             "warnings": warnings,
             "barcode_sketch": barcode_sketch(reader.obs.index),
             "inputs": _input_checksums(source),
-            "h5ad_sha256": sha256(h5ad_path),
+            "h5ad_blake3": blake3(h5ad_path),
             "settings": asdict(settings),
             "format_version": FORMAT_VERSION,
         }
@@ -896,57 +904,104 @@ def _input_checksums(source: SourceFile) -> list[dict[str, Any]]:
         if source.path.is_dir()
         else [source.path]
     )
-    return [{"file": str(f), "sha256": sha256(f), "bytes": f.stat().st_size} for f in files]
+    return [{"file": str(f), "blake3": blake3(f), "bytes": f.stat().st_size} for f in files]
 
 
-def write_h5ad(
-    path: Path,
-    shard: Path,
-    obs: pd.DataFrame,
-    var: pd.DataFrame,
-    uns: dict[str, Any],
-    *,
-    chunk: int = 1 << 20,
-) -> None:
-    """Write the preprocessed h5ad from a shard's arrays, a chunk at a time.
+class H5adWriter:
+    """The preprocessed h5ad, its X written as the file streams.
 
-    X is a CSR matrix of int32 raw counts (anndata's `csr_matrix` encoding, resizable datasets
-    so anndata can append to it); obs, var and uns are written by anndata's `write_elem`. The
-    h5ad is written from the finished shard (not block by block) so that its bytes do not
-    depend on the block size.
+    X is a CSR matrix of int32 raw counts in anndata's `csr_matrix` encoding, with resizable
+    datasets (anndata can append to it). Entries are buffered and written in chunks of a fixed
+    size, so the sequence of HDF5 writes, hence the file's bytes, depends only on the data, not
+    on the block size. obs, var and uns are written at the end by anndata's `write_elem`.
+
+    Parameters
+    ----------
+    path
+        The h5ad to create.
+    max_nnz
+        An upper bound on the non-zeros to be written (the input's stored entries): it fixes
+        the chunk size (small files get small chunks) and whether indices need 64 bits.
     """
-    import h5py
-    from anndata.io import write_elem
 
-    indptr = np.load(shard / "indptr.npy", mmap_mode="r")
-    entries = np.load(shard / "entries.npy", mmap_mode="r")
-    nnz = len(entries)
-    with h5py.File(path, "w") as handle:
-        handle.attrs["encoding-type"] = "anndata"
-        handle.attrs["encoding-version"] = "0.1.0"
-        group = handle.create_group("X")
-        group.attrs["encoding-type"] = "csr_matrix"
-        group.attrs["encoding-version"] = "0.1.0"
-        group.attrs["shape"] = np.array([len(obs), len(var)], dtype=np.int64)
-        size = max(1, min(chunk, nnz))
+    CHUNK = 1 << 20
+
+    def __init__(self, path: Path, *, max_nnz: int) -> None:
+        import h5py
+
+        self.handle = h5py.File(path, "w")
+        self.handle.attrs["encoding-type"] = "anndata"
+        self.handle.attrs["encoding-version"] = "0.1.0"
+        self.group = self.handle.create_group("X")
+        self.group.attrs["encoding-type"] = "csr_matrix"
+        self.group.attrs["encoding-version"] = "0.1.0"
         # scipy wants indices and indptr of one dtype: int32 while it holds, as anndata writes.
-        index_dtype = np.int32 if nnz < 2**31 else np.int64
-        data = group.create_dataset(
-            "data", shape=(nnz,), dtype=np.int32, maxshape=(None,), chunks=(size,)
-        )
-        indices = group.create_dataset(
-            "indices", shape=(nnz,), dtype=index_dtype, maxshape=(None,), chunks=(size,)
-        )
-        for start in range(0, nnz, chunk):
-            piece = entries[start : start + chunk]
-            data[start : start + len(piece)] = piece["count"]
-            indices[start : start + len(piece)] = piece["gene"]
-        group.create_dataset("indptr", data=np.asarray(indptr, dtype=index_dtype), maxshape=(None,))
-        write_elem(handle, "obs", obs)
-        write_elem(handle, "var", var)
-        write_elem(handle, "uns", uns)
+        self.index_dtype = np.int32 if max_nnz < 2**31 else np.int64
+        self.chunk = int(max(1, min(self.CHUNK, max_nnz)))
+        self.datasets = {
+            "data": self.group.create_dataset(
+                "data", shape=(0,), dtype=np.int32, maxshape=(None,), chunks=(self.chunk,)
+            ),
+            "indices": self.group.create_dataset(
+                "indices",
+                shape=(0,),
+                dtype=self.index_dtype,
+                maxshape=(None,),
+                chunks=(self.chunk,),
+            ),
+        }
+        self.buffers = {
+            "data": np.empty(self.chunk, dtype=np.int32),
+            "indices": np.empty(self.chunk, dtype=self.index_dtype),
+        }
+        self.filled = 0
+        self.written = 0
+        self.indptr = [np.zeros(1, dtype=np.int64)]
+
+    def append(self, indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray) -> None:
+        """Append a block of cells (CSR arrays over the output genes, `indptr` from 0)."""
+        self.indptr.append(np.asarray(indptr[1:], dtype=np.int64) + self.written + self.filled)
+        position = 0
+        while position < len(genes):
+            take = min(self.chunk - self.filled, len(genes) - position)
+            self.buffers["data"][self.filled : self.filled + take] = counts[
+                position : position + take
+            ]
+            self.buffers["indices"][self.filled : self.filled + take] = genes[
+                position : position + take
+            ]
+            self.filled += take
+            position += take
+            if self.filled == self.chunk:
+                self._flush()
+
+    def _flush(self) -> None:
+        for name, dataset in self.datasets.items():
+            dataset.resize((self.written + self.filled,))
+            dataset[self.written :] = self.buffers[name][: self.filled]
+        self.written += self.filled
+        self.filled = 0
+
+    def close(self, obs: pd.DataFrame, var: pd.DataFrame, uns: dict[str, Any]) -> None:
+        """Write the rest of X, then obs, var and uns."""
+        from anndata.io import write_elem
+
+        if self.filled:
+            self._flush()
+        self.group.attrs["shape"] = np.array([len(obs), len(var)], dtype=np.int64)
+        indptr = np.concatenate(self.indptr).astype(self.index_dtype)
+        self.group.create_dataset("indptr", data=indptr, maxshape=(None,))
+        write_elem(self.handle, "obs", obs)
+        write_elem(self.handle, "var", var)
+        write_elem(self.handle, "uns", uns)
         for name in ("layers", "obsm", "obsp", "varm", "varp"):
-            write_elem(handle, name, {})
+            write_elem(self.handle, name, {})
+        self.handle.close()
+
+    def abort(self) -> None:
+        """Close the file if it is still open (after an error; the caller removes it)."""
+        if self.handle.id.valid:
+            self.handle.close()
 
 
 # --- one dataset: its files together ----------------------------------------------------------
@@ -1037,7 +1092,7 @@ def aggregate_dataset(
                 "species": species,
                 "inputs": [i for r in records for i in r["inputs"]],
                 "outputs": [
-                    {"file": r["output"], "sha256": r["h5ad_sha256"], "n_obs": r["cells_kept"]}
+                    {"file": r["output"], "blake3": r["h5ad_blake3"], "n_obs": r["cells_kept"]}
                     for r in records
                 ],
                 "reference": reference_source,

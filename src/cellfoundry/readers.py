@@ -74,6 +74,11 @@ class CellReader:
         (fewer for the last, and for dense matrices wider than `DENSE_BLOCK_BYTES` allows)."""
         raise NotImplementedError
 
+    def stored_entries(self, location: str) -> int:
+        """Entries stored for a matrix (non-zeros of a sparse one, all of a dense one): an
+        upper bound on its non-zeros, known before reading."""
+        raise NotImplementedError
+
     def organisms(self) -> set[str]:
         """CELLxGENE organism annotations (`organism_ontology_term_id`) of the cells."""
         return set()
@@ -227,6 +232,13 @@ class H5adReader(CellReader):
         for start in range(0, n_obs, block_cells):
             yield start, _csr_block(matrix[start : min(start + block_cells, n_obs)])
 
+    def stored_entries(self, location: str) -> int:
+        element = self._matrices[location]
+        if isinstance(element, h5py.Dataset):
+            n_obs, n_vars = _shape(element)
+            return n_obs * n_vars
+        return int(element["data"].shape[0])
+
     def _csc_blocks(
         self, location: str, element: h5py.Group, block_cells: int
     ) -> Iterator[tuple[int, sp.csr_matrix]]:
@@ -347,6 +359,9 @@ class TenxH5Reader(CellReader):
     def var(self, location: str) -> pd.DataFrame:
         return self._var
 
+    def stored_entries(self, location: str) -> int:
+        return sum(int(group["data"].shape[0]) for group in self._groups)
+
     def blocks(self, location: str, block_cells: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         for start in range(0, self.n_obs, block_cells):
             stop = min(start + block_cells, self.n_obs)
@@ -410,6 +425,10 @@ class LoomReader(CellReader):
 
     def var(self, location: str) -> pd.DataFrame:
         return self._var
+
+    def stored_entries(self, location: str) -> int:
+        n_genes, n_cells = self._matrices[location].shape
+        return int(n_genes) * int(n_cells)
 
     def blocks(self, location: str, block_cells: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         matrix = self._matrices[location]
@@ -478,6 +497,9 @@ class MtxReader(CellReader):
 
     def var(self, location: str) -> pd.DataFrame:
         return self._var
+
+    def stored_entries(self, location: str) -> int:
+        return self.nnz
 
     def blocks(self, location: str, block_cells: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         if self.nnz <= MTX_IN_MEMORY_NNZ:

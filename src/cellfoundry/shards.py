@@ -68,7 +68,7 @@ class NpyAppender:
 
     def append(self, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=self.dtype)
-        self.handle.write(array.tobytes())
+        array.tofile(self.handle)
         self.length += len(array)
 
     def close(self) -> None:

@@ -47,7 +47,7 @@ def write_shard(
     if X.data.size and X.data.min() <= 0:
         X.eliminate_zeros()
     counts = X.data.astype(np.int32, copy=False)
-    bins = quantile_bins(X, n_bins)
+    bins = quantile_bins(X, n_bins, tie_break="highest")
     if "total_counts" in adata.obs:
         total = adata.obs["total_counts"].to_numpy(dtype=np.float64)
     else:

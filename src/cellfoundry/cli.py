@@ -104,11 +104,24 @@ def _dataset_source(args: argparse.Namespace) -> Iterator[Path]:
 def _gene_stats(args: argparse.Namespace) -> None:
     import polars as pl
 
-    from cellfoundry.gene_stats import merge_gene_stats, summarize
+    from cellfoundry.gene_stats import merge_gene_stats, summarize, with_imported_medians
     from cellfoundry.io import atomic_outputs
+    from cellfoundry.vocabulary import read_gene_median_dictionary
 
     merged = merge_gene_stats([pl.read_parquet(p) for p in args.inputs])
     summary = summarize(merged)
+    if args.medians:
+        imported = with_imported_medians(summary, read_gene_median_dictionary(args.medians))
+        summary = imported.summary
+        log.info(
+            "%s: non-zero medians of %d genes taken from %s; %d corpus genes have none there "
+            "and are left out of rank order; %d of its genes are not in the corpus",
+            args.species,
+            imported.n_imported,
+            args.medians,
+            imported.n_without,
+            imported.n_unused,
+        )
     with atomic_outputs(args.out, args.summary) as (out, summary_out):
         merged.write_parquet(out, statistics=False)
         summary.write_parquet(summary_out, statistics=False)
@@ -499,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--summary", required=True)
+    p.add_argument(
+        "--medians",
+        default="",
+        help="Geneformer gene_median_dictionary_gc*.pkl whose medians replace the corpus ones",
+    )
 
     p = sub.add_parser("vocabulary", help="token mapping of a species")
     p.add_argument("--species", required=True)

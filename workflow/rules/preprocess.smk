@@ -36,7 +36,8 @@ rule preprocess:
 
 rule gene_stats:
     input:
-        species_gene_stats,
+        stats=species_gene_stats,
+        medians=medians_import,
     output:
         stats=out("stats/species/{species}.parquet"),
         summary=out("stats/species/{species}.summary.parquet"),
@@ -45,5 +46,6 @@ rule gene_stats:
     conda:
         "../../envs/prep.yaml"
     shell:
-        "python -m cellfoundry gene-stats --species {wildcards.species} --inputs {input:q} "
-        "--out {output.stats:q} --summary {output.summary:q} > {log:q} 2>&1"
+        "python -m cellfoundry gene-stats --species {wildcards.species} --inputs {input.stats:q} "
+        "--out {output.stats:q} --summary {output.summary:q} --medians={input.medians:q} "
+        "> {log:q} 2>&1"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import platform
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,7 @@ from cellfoundry.errors import DatasetError
 from cellfoundry.gene_stats import compute_gene_stats, merge_gene_stats
 from cellfoundry.io import atomic_outputs, sha256, write_json
 from cellfoundry.readers import dataset_files, read_file
-from cellfoundry.reference import ENSEMBL_ID, NCBI_TAXON, GeneReference, symbol_index
+from cellfoundry.reference import ENSEMBL_ID, NCBI_TAXON, GeneReference, symbol_lookup
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,13 @@ class GeneMapping:
     gene_ids: np.ndarray
     column: str
     kind: Literal["ensembl_id", "symbol"]
+    how: tuple[str, ...] = ()  # per gene, for symbols: reference.MATCH_KINDS
+    release: str | None = None  # the release clone-based symbols were read in
+
+    @property
+    def symbol_matches(self) -> dict[str, int]:
+        """How many symbols matched (or failed) each way, for the QC record."""
+        return dict(sorted(Counter(self.how).items()))
 
     @property
     def n_mapped(self) -> int:
@@ -231,8 +239,8 @@ def map_genes(var: pd.DataFrame, reference: GeneReference, where: str = "auto") 
 
     With `where='auto'`, a column (or `var_names`) where most values look like Ensembl IDs is
     used as IDs (version suffixes dropped); otherwise the symbol column that maps best is
-    mapped through the reference's symbols (see `reference.symbol_index`). Genes absent from
-    the reference stay unmapped (None).
+    mapped through current and earlier symbols (see `reference.SymbolIndex`). Genes absent
+    from the reference stay unmapped (None).
     """
     known = set(reference.gene_ids.tolist())
     columns = _gene_columns(var, where)
@@ -242,11 +250,12 @@ def map_genes(var: pd.DataFrame, reference: GeneReference, where: str = "auto") 
         stripped = [re.sub(r"\.\d+$", "", v) for v in values]
         ids = np.array([g if g in known else None for g in stripped], dtype=object)
         return GeneMapping(ids, name, "ensembl_id")
-    index = symbol_index(reference)
+    index = symbol_lookup(reference)
     best: GeneMapping | None = None
     for name, values in columns:
-        ids = np.array([_map_symbol(v, index) for v in values], dtype=object)
-        mapping = GeneMapping(ids, name, "symbol")
+        found = index.map(values)
+        ids = np.array(found.gene_ids, dtype=object)
+        mapping = GeneMapping(ids, name, "symbol", tuple(found.how), found.release)
         if best is None or mapping.n_mapped > best.n_mapped:
             best = mapping
     assert best is not None
@@ -278,16 +287,6 @@ def _is_text(series: pd.Series) -> bool:
 
 def _ensembl_fraction(values: list[str]) -> float:
     return sum(bool(ENSEMBL_ID.match(v)) for v in values) / max(len(values), 1)
-
-
-def _map_symbol(symbol: str, index: dict[str, str]) -> str | None:
-    if symbol in index:
-        return index[symbol]
-    # `var_names_make_unique` turns a repeated symbol into SYMBOL-1, SYMBOL-2, ...
-    base = re.sub(r"-\d+$", "", symbol)
-    if base != symbol and base in index:
-        return index[base]
-    return index.get(symbol.upper())
 
 
 def check_organism(adata: ad.AnnData, species: str, dataset: str, file: Path) -> None:
@@ -398,6 +397,8 @@ def preprocess_file(
         "mapped_counts_fraction": round(_mapped_counts_fraction(counts.X, mapping), 6),
         "mapping_column": mapping.column,
         "mapping_kind": mapping.kind,
+        "symbol_matches": mapping.symbol_matches,
+        "symbol_release": mapping.release,
         "duplicate_genes_merged": n_duplicates,
         "genes_out": int(X.shape[1]),
         "cells_in": int(adata.n_obs),

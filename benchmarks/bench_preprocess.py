@@ -4,7 +4,9 @@ Builds a deterministic synthetic count matrix (negative-binomial-like counts, ~2
 per cell), then times, as the median of several repeats:
 
 - QC metrics: ``qc_metrics`` against ``scanpy.pp.calculate_qc_metrics``;
-- scGPT-style quantile binning: ``quantile_bins`` against the dense-row reference;
+- scGPT quantile binning: ``quantile_bins`` with scGPT's random tie-break (the default) and
+  with the deterministic highest-bin rule, against the dense-row reference; the ratio of the
+  two rules' times is printed (the random rule's cost);
 - Geneformer-style rank order: ``rank_order`` against the per-row numpy stable argsort, on the
   whole matrix and on gathered 256-cell batches as the shard loader sees them;
 - the three kernels in a row.
@@ -46,6 +48,7 @@ from cellfoundry.discretize import (
     quantile_bins_reference,
     rank_order,
     rank_order_reference,
+    tie_uniforms,
 )
 
 MOUSE_E18 = (
@@ -56,6 +59,7 @@ MOUSE_E18 = (
     / "mouse_e18_brain_10k_cells_1000genes.h5ad"
 )
 N_BINS = 51
+TIE_SEED = 1
 MAX_LEN = 2048
 BATCH = 256
 
@@ -170,11 +174,17 @@ def benchmark(name: str, X: sp.csr_matrix, mito_mask: np.ndarray, n_reference: i
 
     # Warm up (compile or load from the cache) on a few cells of each dtype in play.
     qc_metrics(X[:8], mito_mask)
-    quantile_bins(X[:8], N_BINS)
+    quantile_bins(X[:8], N_BINS, seed=TIE_SEED)
+    quantile_bins(X[:8], N_BINS, tie_break="highest")
     rank_order(X[:8].indptr, X[:8].indices, X[:8].data, total[:8], scale, MAX_LEN)
 
     # Identical outputs before any timing is reported.
-    if not np.array_equal(quantile_bins(sub, N_BINS), quantile_bins_reference(sub, N_BINS)):
+    uniforms = tie_uniforms(sub.indptr, TIE_SEED)
+    if not np.array_equal(
+        quantile_bins(sub, N_BINS, seed=TIE_SEED), quantile_bins_reference(sub, N_BINS, uniforms)
+    ) or not np.array_equal(
+        quantile_bins(sub, N_BINS, tie_break="highest"), quantile_bins_reference(sub, N_BINS)
+    ):
         raise AssertionError(f"{name}: quantile_bins differs from the reference")
     args_sub = (sub.indptr, sub.indices, sub.data, total[:n_sub], scale, MAX_LEN)
     ours, ref = rank_order(*args_sub), rank_order_reference(*args_sub)
@@ -190,7 +200,7 @@ def benchmark(name: str, X: sp.csr_matrix, mito_mask: np.ndarray, n_reference: i
 
     def pipeline() -> None:
         qc = qc_metrics(X, mito_mask)
-        quantile_bins(X, N_BINS)
+        quantile_bins(X, N_BINS, seed=TIE_SEED)
         rank_order(X.indptr, X.indices, X.data, qc.total_counts, scale, MAX_LEN)
 
     def batched_rank_order() -> None:
@@ -239,9 +249,16 @@ def benchmark(name: str, X: sp.csr_matrix, mito_mask: np.ndarray, n_reference: i
         bin_base,
         Row(
             bin_base.step,
-            "cellfoundry quantile_bins (counting sort)",
+            "cellfoundry quantile_bins, tie_break=highest",
             n,
-            time_call(lambda: quantile_bins(X, N_BINS), 5),
+            time_call(lambda: quantile_bins(X, N_BINS, tie_break="highest"), 5),
+            bin_base,
+        ),
+        Row(
+            bin_base.step,
+            "cellfoundry quantile_bins, tie_break=random (scGPT)",
+            n,
+            time_call(lambda: quantile_bins(X, N_BINS, seed=TIE_SEED), 5),
             bin_base,
         ),
         rank_base,
@@ -279,6 +296,13 @@ def print_table(title: str, shape: tuple[int, int], nnz: int, rows: list[Row]) -
             f"| {row.step} | {row.implementation} | {row.per_core:,.0f} | {ratio} "
             f"| {row.wall:,.0f} |"
         )
+    by_name = {row.implementation: row for row in rows}
+    highest = by_name["cellfoundry quantile_bins, tie_break=highest"]
+    random = by_name["cellfoundry quantile_bins, tie_break=random (scGPT)"]
+    print(
+        f"\nquantile bins: tie_break=random takes {highest.per_core / random.per_core:.2f}x the "
+        "CPU time of tie_break=highest (same run)"
+    )
 
 
 def main() -> None:
@@ -313,7 +337,7 @@ def main() -> None:
         )
         print_table(f"Real: {MOUSE_E18.name}", X.shape, X.nnz, rows)
     print(
-        f"\nQuantile bins n_bins={N_BINS}; rank order max_len={MAX_LEN}, gene scale from "
+        f"\nQuantile bins n_bins={N_BINS} (pipeline row: tie_break=random); rank order max_len={MAX_LEN}, gene scale from "
         "log2-histogram medians. References timed on the first "
         f"{args.reference_cells:,} cells; the pipeline baseline adds the three baselines' "
         "per-cell times."

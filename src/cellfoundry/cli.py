@@ -86,6 +86,8 @@ def _preprocess(args: argparse.Namespace) -> None:
         PreprocessSettings.from_dict(_json(args.settings)),
         outputs,
         n_bins=args.n_bins,
+        seed=args.seed,
+        tie_break=args.tie_break,
         block_cells=args.block_cells,
         exact_max_cells=args.exact_max_cells,
     )
@@ -119,11 +121,24 @@ def _aggregate(args: argparse.Namespace) -> None:
 
 @command("gene-stats")
 def _gene_stats(args: argparse.Namespace) -> None:
-    from cellfoundry.gene_stats import merge_gene_stats, summarize
+    from cellfoundry.gene_stats import merge_gene_stats, summarize, with_imported_medians
     from cellfoundry.io import atomic_outputs
+    from cellfoundry.vocabulary import read_gene_median_dictionary
 
     merged = merge_gene_stats(sorted(args.inputs), exact_max_cells=args.exact_max_cells)
     summary = summarize(merged)
+    if args.medians:
+        imported = with_imported_medians(summary, read_gene_median_dictionary(args.medians))
+        summary = imported.summary
+        log.info(
+            "%s: non-zero medians of %d genes taken from %s; %d corpus genes have none there "
+            "and are left out of rank order; %d of its genes are not in the corpus",
+            args.species,
+            imported.n_imported,
+            args.medians,
+            imported.n_without,
+            imported.n_unused,
+        )
     with atomic_outputs(args.out, args.summary) as (out, summary_out):
         merged.write_parquet(out, statistics=False)
         summary.write_parquet(summary_out, statistics=False)
@@ -547,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
     p.add_argument("--n-bins", type=int, required=True, help="quantile bins of the shard")
+    p.add_argument("--tie-break", default="random", help="shards.tie_break")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exact-max-cells", type=int, required=True, help="gene_stats.exact_max_cells")
     p.add_argument(
         "--block-cells", type=int, default=4096, help="cells read at a time (memory, not results)"
@@ -573,6 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-max-cells", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--summary", required=True)
+    p.add_argument(
+        "--medians",
+        default="",
+        help="Geneformer gene_median_dictionary_gc*.pkl whose medians replace the corpus ones",
+    )
 
     p = sub.add_parser("vocabulary", help="token mapping of a species")
     p.add_argument("--species", required=True)

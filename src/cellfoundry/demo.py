@@ -409,7 +409,7 @@ def _species_model(species: str, seed: int) -> _SpeciesModel:
         mito_ids=mito["gene_id"].to_numpy().astype(str),
         mito_names=mito["gene_name"].to_numpy().astype(str),
         mito_weights=mito_weights / mito_weights.sum(),
-        retired=_retired_symbols(species, set().union(*symbol_index(reference)), rng),
+        retired=_retired_symbols(species, set(symbol_index(reference)), rng),
     )
 
 

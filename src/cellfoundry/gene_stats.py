@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -773,4 +774,51 @@ def summarize(stats: pl.DataFrame) -> pl.DataFrame:
             "nonzero_median": np.nan_to_num(medians, nan=0.0),
             "median_exact": exact,
         }
+    )
+
+
+class ImportedMedians(NamedTuple):
+    """A gene summary whose medians were replaced by imported ones, and what that changed."""
+
+    summary: pl.DataFrame
+    n_imported: int  # genes of the summary that took an imported median
+    n_without: int  # genes of the summary absent from the dictionary: median null, not ranked
+    n_unused: int  # dictionary genes absent from the summary (never seen in the corpus)
+
+
+def with_imported_medians(summary: pl.DataFrame, medians: dict[str, float]) -> ImportedMedians:
+    """Replace the corpus non-zero medians of a gene summary by imported ones (Geneformer's).
+
+    Geneformer's tokenizer (`TranscriptomeTokenizer`) ranks only the genes of its median
+    dictionary: genes without a median are dropped from every cell. Faithfully, a gene of
+    the summary absent from `medians` gets a null `nonzero_median`, which the loader treats
+    as "not rankable" (like a gene never seen non-zero), so that the tokens of a cell are
+    Geneformer's. Other columns are unchanged.
+
+    Parameters
+    ----------
+    summary
+        A species' gene summary (`summarize`): gene_id, n_obs, n_cells, mean, var,
+        nonzero_median.
+    medians
+        Ensembl ID -> non-zero median of count / n_counts x 10,000
+        (`vocabulary.read_gene_median_dictionary`).
+
+    Returns
+    -------
+    The summary with its new medians, and the counts of genes that took one, that have none,
+    and of dictionary genes not in the summary.
+    """
+    imported = pl.DataFrame(
+        {"gene_id": list(medians), "imported": list(medians.values())},
+        schema={"gene_id": pl.Utf8, "imported": pl.Float64},
+    )
+    joined = summary.join(imported, on="gene_id", how="left")
+    n_imported = int(joined["imported"].is_not_null().sum())
+    table = joined.with_columns(pl.col("imported").alias("nonzero_median")).drop("imported")
+    return ImportedMedians(
+        table.select(summary.columns),
+        n_imported,
+        summary.height - n_imported,
+        len(medians) - n_imported,
     )

@@ -112,9 +112,9 @@ def user_panel(
             raise ConfigError(
                 f"panel '{name}' ({path}): needs an Ensembl_ID column (or gene_id, or a gene_name/symbol column)"
             )
-        exact, folded = symbol_index(reference)
+        index = symbol_index(reference)
         entries = [str(v).strip() for v in frame[column].drop_nulls().to_list()]
-        ids = [exact.get(e, folded.get(e.upper())) for e in entries]
+        ids = [index.get(e, index.get(e.upper())) for e in entries]
     vocabulary = mapping.gene_table.select("gene_id", "gene_name")
     known = set(vocabulary["gene_id"].to_list())
     unknown = sorted({e for e, g in zip(entries, ids, strict=True) if g is None or g not in known})

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import platform
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -39,7 +40,14 @@ from cellfoundry.formats import PREPROCESS as FORMAT_VERSION
 from cellfoundry.gene_stats import EXACT_MAX_CELLS, GeneStatsAccumulator, merge_gene_stats
 from cellfoundry.io import atomic_outputs, blake3, read_json, write_json
 from cellfoundry.readers import GENE_EXPRESSION, CellReader, CscTooLarge, open_source
-from cellfoundry.reference import ENSEMBL_ID, NCBI_TAXON, GeneReference, symbol_index
+from cellfoundry.reference import (
+    ENSEMBL_ID,
+    NCBI_TAXON,
+    GeneReference,
+    symbol_index,
+    symbol_lookup,
+)
+from cellfoundry.seeds import derive_seed
 from cellfoundry.shards import ShardWriter, write_dataset_manifest
 from cellfoundry.sources import SourceFile, dataset_sources
 
@@ -210,27 +218,21 @@ def _ensembl_fraction(values: np.ndarray) -> float:
     return sum(bool(ENSEMBL_ID.match(v)) for v in values) / max(len(values), 1)
 
 
-def _map_symbol(
-    symbol: str, exact: dict[str, str], folded: dict[str, str]
-) -> tuple[str | None, str]:
-    if symbol in exact:
-        return exact[symbol], "exact"
-    # `var_names_make_unique` turns a repeated symbol into SYMBOL-1, SYMBOL-2, ...
-    base = re.sub(r"-\d+$", "", symbol)
-    if base != symbol and base in exact:
-        return exact[base], "exact"
-    gene = folded.get(symbol.upper())
-    return (gene, "case") if gene is not None else (None, "unmapped")
-
-
 @dataclass
 class GeneMapping:
-    """Ensembl IDs of features (None where unmapped) and how they were found."""
+    """Ensembl IDs of features (None where unmapped) and how they were found.
+
+    `matches` counts how the features matched: for IDs `exact`/`unmapped`; for symbols the
+    kinds of `reference.SymbolIndex.lookup` (exact, case, previous, previous-case, synonym,
+    synonym-case, ambiguous, retired, clone, collision, unknown); `release` is the release a
+    file's clone-based symbols were read in.
+    """
 
     gene_ids: np.ndarray
     column: str
     kind: Literal["ensembl_id", "symbol"]
     matches: dict[str, int]
+    release: str | None = None
 
     @property
     def n_mapped(self) -> int:
@@ -240,13 +242,23 @@ class GeneMapping:
     def rate(self) -> float:
         return self.n_mapped / max(len(self.gene_ids), 1)
 
+    @property
+    def case_folded(self) -> int:
+        """Symbols that matched only after changing case."""
+        return sum(n for how, n in self.matches.items() if how == "case" or how.endswith("-case"))
+
+    @property
+    def matched_as_written(self) -> int:
+        """Symbols that matched as written (current, earlier or alias symbols)."""
+        return sum(self.matches.get(how, 0) for how in ("exact", "previous", "synonym"))
+
 
 def map_genes(columns: list[tuple[str, np.ndarray]], reference: GeneReference) -> GeneMapping:
     """Map features to the reference's Ensembl IDs.
 
     A column where at least half the values look like Ensembl IDs is used as IDs (version
-    suffixes dropped); otherwise the symbol column that maps best is mapped through the
-    reference's symbols (`reference.symbol_index`), exactly first, then ignoring case.
+    suffixes dropped); otherwise the symbol column that maps best is mapped through current
+    and earlier symbols and aliases (`reference.SymbolIndex`).
     """
     known = set(reference.gene_ids.tolist())
     id_candidates = [(name, values) for name, values in columns if _ensembl_fraction(values) >= 0.5]
@@ -256,13 +268,17 @@ def map_genes(columns: list[tuple[str, np.ndarray]], reference: GeneReference) -
         ids = np.array([g if g in known else None for g in stripped], dtype=object)
         n = int(sum(g is not None for g in ids))
         return GeneMapping(ids, name, "ensembl_id", {"exact": n, "unmapped": len(ids) - n})
-    exact, folded = symbol_index(reference)
+    index = symbol_lookup(reference)
     best: GeneMapping | None = None
     for name, values in columns:
-        found = [_map_symbol(v, exact, folded) for v in values]
-        ids = np.array([g for g, _ in found], dtype=object)
-        kinds = pd.Series([k for _, k in found]).value_counts().to_dict()
-        mapping = GeneMapping(ids, name, "symbol", {k: int(v) for k, v in kinds.items()})
+        found = index.map([str(v) for v in values])
+        mapping = GeneMapping(
+            np.array(found.gene_ids, dtype=object),
+            name,
+            "symbol",
+            dict(sorted(Counter(found.how).items())),
+            found.release,
+        )
         if best is None or mapping.n_mapped > best.n_mapped:
             best = mapping
     assert best is not None
@@ -285,12 +301,12 @@ def _likely_species(
         return None
     from cellfoundry.reference import bundled_species, load_bundled
 
-    own_exact = mapping.matches.get("exact", 0)
+    own_exact = mapping.matched_as_written
     best = None
     for other in bundled_species():
         if other == species:
             continue
-        exact, _ = symbol_index(load_bundled(other))
+        exact = symbol_index(load_bundled(other), fold_case=False)
         n = int(sum(v in exact for v in values))
         if n > SPECIES_MISMATCH_RATIO * max(own_exact, 1) and (best is None or n > best[1]):
             best = (other, n)
@@ -298,7 +314,7 @@ def _likely_species(
         return None
     return best[0], (
         f"{best[1]} of {len(values)} symbols match {best[0]} symbols exactly, only {own_exact} "
-        f"match {species} ({reference.source}) exactly ({mapping.matches.get('case', 0)} more "
+        f"match {species} ({reference.source}) as written ({mapping.case_folded} more "
         "only after changing case)"
     )
 
@@ -368,9 +384,7 @@ def plan_features(
             f"reference ({reference.source}) using {mapping.column}; minimum is "
             f"{settings.min_mapping_rate:.0%} (preprocess.min_mapping_rate){hint}",
         )
-    if mapping.kind == "symbol" and mapping.matches.get("case", 0) > mapping.matches.get(
-        "exact", 0
-    ):
+    if mapping.kind == "symbol" and mapping.case_folded > mapping.matched_as_written:
         other = _likely_species(mapping, mapped_column, species, reference)
         if other is not None:
             raise DatasetError(
@@ -379,12 +393,12 @@ def plan_features(
                 f"genes look like {other[0]}, not {species}: {other[1]}; fix the species in the dataset sheet",
             )
         log.warning(
-            "%s: %s: %d symbols map to %s only after changing case (%d exactly)",
+            "%s: %s: %d symbols map to %s only after changing case (%d as written)",
             dataset,
             path.name,
-            mapping.matches.get("case", 0),
+            mapping.case_folded,
             species,
-            mapping.matches.get("exact", 0),
+            mapping.matched_as_written,
         )
 
     gene_of = np.full(n, None, dtype=object)
@@ -431,6 +445,7 @@ def plan_features(
         "mapping_column": mapping.column,
         "mapping_kind": mapping.kind,
         "mapping_matches": mapping.matches,
+        "symbol_release": mapping.release,
         "duplicate_genes_merged": mapping.n_mapped - len(first),
         "mito_genes": int(mito.sum()),
     }
@@ -707,10 +722,16 @@ def preprocess_file(
     outputs: FileOutputs,
     *,
     n_bins: int,
+    seed: int = 0,
+    tie_break: str = "random",
     block_cells: int = BLOCK_CELLS,
     exact_max_cells: int = EXACT_MAX_CELLS,
 ) -> dict[str, Any]:
     """Preprocess one input of a dataset, streaming it, and write all its outputs atomically.
+
+    `seed` is the config's: the shard's quantile bins break ties (`tie_break`, see
+    `discretize.quantile_bins_csr`) with a seed derived from it, the dataset and the file,
+    and each cell's index in the file, so they do not depend on blocks or on other files.
 
     Returns the file's QC record (also written to `outputs.qc`).
 
@@ -734,6 +755,7 @@ def preprocess_file(
         var = reader.var(location)
         plan = plan_features(var, dataset, species, path, reference, settings)
         writer = ShardWriter(shard_path, n_bins=n_bins)
+        bin_seed = derive_seed(seed, "bins", dataset, source.name)
         h5ad = H5adWriter(h5ad_path, max_nnz=reader.stored_entries(location))
         stack.callback(h5ad.abort)
         stats = GeneStatsAccumulator(
@@ -760,7 +782,14 @@ def preprocess_file(
             out_indptr, genes, values = _collapse(
                 block.indptr, block.indices, counts, keep, plan.out_col, plan.primary
             )
-            bins = quantile_bins_csr(out_indptr, values, n_bins)
+            bins = quantile_bins_csr(
+                out_indptr,
+                values,
+                n_bins,
+                seed=bin_seed,
+                cell_ids=start + np.flatnonzero(keep),
+                tie_break=tie_break,
+            )
             writer.append(out_indptr, genes, values, bins, total[keep])
             h5ad.append(out_indptr, genes, values)
             stats.add_cells(out_indptr, genes, values, total[keep])

@@ -154,10 +154,13 @@ def write_shard(
     *,
     n_bins: int,
     meta: dict[str, Any],
+    seed: int = 0,
+    tie_break: str = "random",
     block_cells: int = 4096,
 ) -> dict[str, Any]:
     """Write the shard of an in-memory AnnData of raw integer counts (cells x genes, Ensembl IDs
-    as `var_names`); `obs['total_counts']` is used when present, else the row sums."""
+    as `var_names`); `obs['total_counts']` is used when present, else the row sums. Bins break
+    ties as `discretize.quantile_bins_csr` does, from `seed` and each cell's position."""
     X = sp.csr_matrix(adata.X)
     # Files written by other tools may mix int32 indices with an int64 indptr.
     X = sp.csr_matrix(
@@ -172,7 +175,9 @@ def write_shard(
     writer = ShardWriter(folder, n_bins=n_bins)
     for start in range(0, X.shape[0], block_cells):
         block = X[start : start + block_cells]
-        bins = quantile_bins_csr(block.indptr, block.data, n_bins)
+        bins = quantile_bins_csr(
+            block.indptr, block.data, n_bins, seed=seed, cell_offset=start, tie_break=tie_break
+        )
         writer.append(
             block.indptr, block.indices, block.data, bins, total[start : start + block_cells]
         )

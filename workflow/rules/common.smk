@@ -172,6 +172,10 @@ def vocabulary_import(wildcards):
     return config["vocabulary"]["import"].get(wildcards.species, [])
 
 
+def medians_import(wildcards):
+    return config["vocabulary"]["import_medians"].get(wildcards.species, [])
+
+
 def user_panels(species):
     return config["panels"]["user"].get(species, {})
 

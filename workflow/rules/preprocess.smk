@@ -25,12 +25,15 @@ rule preprocess:
         species=species_of,
         settings=preprocess_settings,
         n_bins=config["shards"]["n_bins"],
+        tie_break=config["shards"]["tie_break"],
+        seed=config["seed"],
         exact_max_cells=config["gene_stats"]["exact_max_cells"],
         version=formats.PREPROCESS,
     shell:
         "python -m cellfoundry preprocess --dataset {wildcards.dataset} --file {wildcards.file} "
         "--species {params.species} --input {params.path:q} --reference={input.reference:q} "
-        "--settings {params.settings:q} --n-bins {params.n_bins} "
+        "--settings {params.settings:q} --n-bins {params.n_bins} --tie-break {params.tie_break} "
+        "--seed {params.seed} "
         "--exact-max-cells {params.exact_max_cells} --block-cells {resources.block_cells} "
         "--h5ad {output.h5ad:q} --shard {output.shard:q} --gene-stats {output.gene_stats:q} "
         "--qc {output.qc:q} --cells {output.cells:q} > {log:q} 2>&1"
@@ -75,7 +78,8 @@ rule aggregate_dataset:
 
 rule gene_stats:
     input:
-        species_gene_stats,
+        stats=species_gene_stats,
+        medians=medians_import,
     output:
         stats=out("stats/species/{species}.parquet"),
         summary=out("stats/species/{species}.summary.parquet"),
@@ -87,6 +91,6 @@ rule gene_stats:
         exact_max_cells=config["gene_stats"]["exact_max_cells"],
         version=formats.GENE_STATS,
     shell:
-        "python -m cellfoundry gene-stats --species {wildcards.species} --inputs {input:q} "
+        "python -m cellfoundry gene-stats --species {wildcards.species} --inputs {input.stats:q} "
         "--exact-max-cells {params.exact_max_cells} --out {output.stats:q} "
-        "--summary {output.summary:q} > {log:q} 2>&1"
+        "--summary {output.summary:q} --medians={input.medians:q} > {log:q} 2>&1"

@@ -1,12 +1,18 @@
-"""Shard loader vs anndata backed reads: random batches of 256 cells from several files.
+"""Shard loader at 10 to 10,000 shards, beside anndata backed reads: random batches of 256 cells.
 
-    python benchmarks/bench_loader.py [--cells 100000 --genes 20000 --nnz 2000 --files 3]
+    python benchmarks/bench_loader.py [--cells 100000 --genes 20000 --nnz 2000]
+                                      [--shards 10 1000 10000] [--seconds 15]
 
-Builds a deterministic synthetic corpus (raw integer counts) once under --workdir, written both
-as h5ad files (the baseline reads them with `anndata.read_h5ad(backed='r')` and one sorted
-fancy index per file per batch, the best anndata does) and as cellfoundry shards. Each loader
-then runs in its own single-threaded subprocess (one core), so peak memory is its own. Prints a
-markdown table: loader | cells/s | peak RSS | ratio vs anndata backed. No assertions on timings.
+Builds a deterministic synthetic corpus once under --workdir (raw integer counts, ~2,000
+non-zeros per cell) and writes the same cells as 10, 1,000 and 10,000 shards (and as 3 h5ad
+files for the anndata baseline, which reads them with `anndata.read_h5ad(backed='r')` and one
+sorted fancy index per file per batch, the best anndata does). Each measurement runs in its own
+single-threaded process under `ulimit -n 1024` (RLIMIT_NOFILE, as on most clusters): start-up
+(from the shard manifest to the first batch), batches/s after the lazily mapped shards have
+been touched, peak and anonymous resident memory, and the process's open file descriptors at
+the end. Also: Geneformer rank tokens (top 2,048) and two DataLoader worker processes. Prints
+a markdown table: loader | shards | start-up s | cells/s | peak RSS | open fds | ratio vs
+anndata backed. No assertions on timings.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -24,173 +31,221 @@ SINGLE_THREAD = {
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
+    "POLARS_MAX_THREADS": "1",
 }
+FD_LIMIT = 1024
 
 
-def build_corpus(workdir: Path, n_cells: int, n_genes: int, nnz: int, n_files: int) -> None:
+def build_corpus(
+    workdir: Path, n_cells: int, n_genes: int, nnz: int, shard_counts: list[int]
+) -> None:
+    """One big shard generated block by block, then re-cut into each number of shards, and
+    3 h5ad files for the baseline."""
     import anndata as ad
     import numpy as np
     import pandas as pd
+    import polars as pl
     import scipy.sparse as sp
 
+    from cellfoundry.discretize import quantile_bins_csr
     from cellfoundry.reference import load_bundled
-    from cellfoundry.shards import write_shard
+    from cellfoundry.shards import ShardWriter
 
+    spec = {"cells": n_cells, "genes": n_genes, "nnz": nnz, "shards": sorted(shard_counts)}
     marker = workdir / "corpus.json"
-    spec = {"cells": n_cells, "genes": n_genes, "nnz": nnz, "files": n_files}
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    genes = load_bundled("hsapiens").table.filter(lambda_coding()).head(n_genes)
+    genes = (
+        load_bundled("hsapiens").table.filter(pl.col("gene_type") == "protein_coding").head(n_genes)
+    )
     var = pd.DataFrame(
         {"gene_name": genes["gene_name"].to_list()}, index=genes["gene_id"].to_list()
     )
     rng = np.random.default_rng(0)
     popularity = rng.gamma(0.5, 1.0, n_genes)
     popularity /= popularity.sum()
-    per_file = np.array_split(np.arange(n_cells), n_files)
-    for f, cells in enumerate(per_file):
-        indptr = [0]
-        indices, data = [], []
-        for start in range(0, len(cells), 2_000):
-            m = min(2_000, len(cells) - start)
-            draw = np.sort(rng.choice(n_genes, size=(m, int(nnz * 1.1)), p=popularity), axis=1)
-            keep = np.ones_like(draw, dtype=bool)
-            keep[:, 1:] = draw[:, 1:] != draw[:, :-1]
-            for row, mask in zip(draw, keep, strict=True):
-                genes_row = row[mask][:nnz]
-                indices.append(genes_row.astype(np.int32))
-                data.append((rng.geometric(0.45, size=len(genes_row))).astype(np.int32))
-                indptr.append(indptr[-1] + len(genes_row))
-        X = sp.csr_matrix(
-            (np.concatenate(data), np.concatenate(indices), np.array(indptr)),
-            shape=(len(cells), n_genes),
-        )
-        obs = pd.DataFrame(
-            {"total_counts": np.asarray(X.sum(1)).ravel().astype(float)},
-            index=[f"c{f}_{i}" for i in range(len(cells))],
-        )
-        adata = ad.AnnData(X=X, obs=obs, var=var)
-        adata.write_h5ad(workdir / f"part{f}.h5ad")
-        shard = workdir / "shards" / f"part{f}"
-        if shard.exists():
-            import shutil
+    whole = workdir / "whole"
+    if whole.exists():
+        import shutil
 
-            shutil.rmtree(shard)
-        write_shard(
-            adata,
-            shard,
-            n_bins=51,
-            meta={"dataset": "bench", "species": "hsapiens", "file": f"part{f}.h5ad"},
-        )
+        shutil.rmtree(whole)
+    writer = ShardWriter(whole, n_bins=51)
+    blocks = []
+    for start in range(0, n_cells, 5_000):
+        m = min(5_000, n_cells - start)
+        draw = np.sort(rng.choice(n_genes, size=(m, int(nnz * 1.1)), p=popularity), axis=1)
+        keep = np.ones_like(draw, dtype=bool)
+        keep[:, 1:] = draw[:, 1:] != draw[:, :-1]
+        lengths = np.minimum(keep.sum(1), nnz)
+        rank = np.cumsum(keep, axis=1)
+        keep &= rank <= nnz
+        indices = draw[keep].astype(np.int32)
+        counts = rng.geometric(0.45, size=len(indices)).astype(np.int32)
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        totals = np.add.reduceat(counts, indptr[:-1]).astype(np.float64)
+        bins = quantile_bins_csr(indptr, counts, 51, tie_break="highest")
+        writer.append(indptr, indices, counts, bins, totals)
+        if len(blocks) < 20:  # the h5ad baseline holds the same cells (first 100k)
+            blocks.append(sp.csr_matrix((counts, indices, indptr), shape=(m, n_genes)))
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(n_cells)])
+    writer.close(var, obs, {"dataset": "bench", "species": "hsapiens", "file": "whole.h5ad"})
+    X = sp.vstack(blocks).tocsr()
+    for f, cells in enumerate(np.array_split(np.arange(X.shape[0]), 3)):
+        ad.AnnData(X=X[cells], var=var).write_h5ad(workdir / f"part{f}.h5ad")
+    indptr = np.load(whole / "indptr.npy")
+    entries = np.load(whole / "entries.npy", mmap_mode="r")
+    totals = np.load(whole / "total_counts.npy")
+    for n_shards in shard_counts:
+        root = workdir / f"shards_{n_shards}"
+        rows = []
+        for s, cells in enumerate(np.array_split(np.arange(n_cells), n_shards)):
+            lo, hi = int(indptr[cells[0]]), int(indptr[cells[-1] + 1])
+            out = ShardWriter(root / f"s{s:05d}", n_bins=51)
+            part = np.asarray(entries[lo:hi])
+            out.append(
+                indptr[cells[0] : cells[-1] + 2] - lo,
+                part["gene"],
+                part["count"],
+                part["bin"],
+                totals[cells],
+            )
+            info = out.close(
+                var,
+                obs.iloc[cells],
+                {"dataset": f"d{s:05d}", "species": "hsapiens", "file": f"s{s:05d}.h5ad"},
+            )
+            rows.append(
+                {
+                    "shard": str(root / f"s{s:05d}"),
+                    "species": "hsapiens",
+                    "dataset": info["dataset"],
+                    "n_cells": info["n_cells"],
+                    "genes_sha256": info["genes_sha256"],
+                    "cells": "all",
+                }
+            )
+        pl.DataFrame(rows).write_parquet(root / "manifest.parquet")
     marker.write_text(json.dumps(spec))
 
 
-def lambda_coding():
-    import polars as pl
-
-    return pl.col("gene_type") == "protein_coding"
-
-
-def batches(n_cells: int, batch_size: int, n_batches: int, seed: int):
+def batches(n_cells: int, batch_size: int, seed: int):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    for _ in range(n_batches):
+    while True:
         yield np.sort(rng.choice(n_cells, batch_size, replace=False))
 
 
-def measure(loader: str, workdir: Path, batch_size: int, seconds: float) -> dict:
-    """Runs in the child process: read random batches for `seconds`, report cells/s."""
+def measure(loader: str, n_shards: int, workdir: Path, batch_size: int, seconds: float) -> dict:
+    """Runs in the child process, under the file-descriptor limit."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
     import numpy as np
+    import polars as pl
 
-    files = sorted(workdir.glob("part*.h5ad"))
+    start = time.perf_counter()
     if loader == "anndata_backed":
         import anndata as ad
 
-        handles = [ad.read_h5ad(f, backed="r") for f in files]
+        handles = [ad.read_h5ad(f, backed="r") for f in sorted(workdir.glob("part*.h5ad"))]
         offsets = np.concatenate([[0], np.cumsum([h.n_obs for h in handles])])
+        n_cells = int(offsets[-1])
 
         def read(cells):
-            out = []
-            for i, h in enumerate(handles):
-                local = cells[(cells >= offsets[i]) & (cells < offsets[i + 1])] - offsets[i]
-                if len(local):
-                    out.append(h.X[local])  # one sorted fancy index per file
-            return out
-
-        n_cells = int(offsets[-1])
+            return [
+                h.X[cells[(cells >= offsets[i]) & (cells < offsets[i + 1])] - offsets[i]]
+                for i, h in enumerate(handles)
+            ]
     else:
-        import polars as pl
-
-        from cellfoundry.gene_stats import compute_gene_stats, summarize
         from cellfoundry.loader import ShardCollection
-        from cellfoundry.reference import load_bundled
         from cellfoundry.vocabulary import from_genes
 
-        shards = sorted((workdir / "shards").iterdir())
-        gene_ids = pl.read_parquet(shards[0] / "var.parquet")["gene_id"].to_list()
-        mapping = from_genes("hsapiens", sorted(gene_ids), load_bundled("hsapiens"))
+        manifest = pl.read_parquet(workdir / f"shards_{n_shards}" / "manifest.parquet")
+        first = Path(manifest["shard"][0])
+        gene_ids = pl.read_parquet(first / "var.parquet")["gene_id"].to_list()
+        mapping = from_genes("hsapiens", sorted(gene_ids), None)
         medians = None
-        if loader == "cellfoundry_rank":
-            # Medians from the first shard are enough to exercise the rank path.
-            from cellfoundry.loader import open_shard
-
-            s = open_shard(shards[0])
-            import scipy.sparse as sp
-
-            X = sp.csr_matrix(
-                (
-                    np.asarray(s.counts[: s.indptr[2000]]),
-                    np.asarray(s.indices[: s.indptr[2000]]),
-                    np.asarray(s.indptr[:2001]),
-                ),
-                shape=(2000, len(gene_ids)),
-            )
+        if loader == "rank":
             medians = {
-                "hsapiens": summarize(
-                    compute_gene_stats(X, np.array(gene_ids), s.total_counts[:2000])
+                "hsapiens": pl.DataFrame(
+                    {
+                        "gene_id": gene_ids,
+                        "nonzero_median": np.random.default_rng(0).uniform(0.5, 5, len(gene_ids)),
+                    }
                 )
             }
-        collection = ShardCollection(shards, {"hsapiens": mapping}, medians=medians)
+        collection = ShardCollection(manifest, {"hsapiens": mapping}, medians=medians)
         n_cells = len(collection)
+        if loader == "workers":
+            import torch
+
+            class Batches(torch.utils.data.Dataset):
+                def __init__(self, n: int) -> None:
+                    rng = np.random.default_rng(2)
+                    self.plan = [
+                        np.sort(rng.choice(n_cells, batch_size, replace=False)) for _ in range(n)
+                    ]
+
+                def __len__(self) -> int:
+                    return len(self.plan)
+
+                def __getitem__(self, k: int) -> int:
+                    return len(collection.gather(self.plan[k]))
+
+            def loader_for(n: int):
+                return torch.utils.data.DataLoader(Batches(n), batch_size=None, num_workers=2)
+
+            # A finite stream per phase: workers start, read the batches, and end.
+            t0 = time.perf_counter()
+            for _ in loader_for(20):
+                pass
+            startup = time.perf_counter() - t0
+            rate_probe = time.perf_counter()
+            n_probe = 0
+            for _ in loader_for(100):
+                n_probe += 1
+            per_batch = (time.perf_counter() - rate_probe) / n_probe
+            n = max(20, int(seconds / per_batch))
+            t0 = time.perf_counter()
+            for _ in loader_for(n):
+                pass
+            elapsed = time.perf_counter() - t0
+            return _result(loader, n_shards, startup, n * batch_size / elapsed)
 
         def read(cells):
             batch = collection.gather(cells)
-            if loader == "cellfoundry_rank":
-                return collection.rank_batch(batch, max_len=2048)
-            return batch
+            return collection.rank_batch(batch, max_len=2048) if loader == "rank" else batch
 
-    # Warm up (JIT, page cache), then time.
-    for cells in batches(n_cells, batch_size, 3, seed=1):
-        read(cells)
-    done, start = 0, time.perf_counter()
-    for cells in batches(n_cells, batch_size, 10**9, seed=2):
-        read(cells)
-        done += len(cells)
-        if time.perf_counter() - start > seconds:
-            break
-    elapsed = time.perf_counter() - start
-    status = memory_status()
-    return {
-        "loader": loader,
-        "cells_per_s": done / elapsed,
-        "peak_rss_mb": status["VmHWM"],
-        "anon_mb": status["RssAnon"],
-        "cells": done,
-    }
+    stream_cells = batches(n_cells, batch_size, seed=1)
+    read(next(stream_cells))
+    startup = time.perf_counter() - start
+    # Touch the shards (each is mapped on first use), then time the steady state.
+    warm = time.perf_counter()
+    while time.perf_counter() - warm < min(seconds, 30):
+        read(next(stream_cells))
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        read(next(stream_cells))
+        done += batch_size
+    elapsed = time.perf_counter() - t0
+    return _result(loader, n_shards, startup, done / elapsed)
 
 
-def memory_status() -> dict[str, float]:
-    """Peak resident memory (VmHWM; ru_maxrss would carry the parent's peak over exec) and the
-    anonymous part of the resident memory now (memory-mapped shard pages are file-backed: they
-    count in RSS but the kernel can drop them)."""
-    fields = {}
+def _result(loader: str, n_shards: int, startup: float, cells_per_s: float) -> dict:
+    status = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmHWM", "RssAnon"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields
+            status[key] = int(value.split()[0]) / 1024
+    return {
+        "loader": loader,
+        "shards": n_shards,
+        "startup_s": startup,
+        "cells_per_s": cells_per_s,
+        "peak_rss_mb": status["VmHWM"],
+        "anon_mb": status["RssAnon"],
+        "open_fds": len(os.listdir("/proc/self/fd")),
+    }
 
 
 def main() -> None:
@@ -198,28 +253,35 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=100_000)
     parser.add_argument("--genes", type=int, default=20_000)
     parser.add_argument("--nnz", type=int, default=2_000)
-    parser.add_argument("--files", type=int, default=3)
+    parser.add_argument("--shards", type=int, nargs="+", default=[10, 1_000, 10_000])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cellfoundry-bench-loader"))
-    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.workdir, args.batch_size, args.seconds)))
+        loader, n_shards = args.child
+        print(
+            json.dumps(measure(loader, int(n_shards), args.workdir, args.batch_size, args.seconds))
+        )
         return
     t = time.perf_counter()
-    build_corpus(args.workdir, args.cells, args.genes, args.nnz, args.files)
+    build_corpus(args.workdir, args.cells, args.genes, args.nnz, args.shards)
     print(
-        f"corpus: {args.cells:,} cells x {args.genes:,} genes, ~{args.nnz:,} non-zeros per cell, "
-        f"{args.files} files (built or reused in {time.perf_counter() - t:.0f} s)\n"
+        f"corpus: {args.cells:,} cells x {args.genes:,} genes, ~{args.nnz:,} non-zeros per cell "
+        f"(built or reused in {time.perf_counter() - t:.0f} s)\n"
     )
+    runs = [("anndata_backed", 3)]
+    runs += [("sparse", n) for n in args.shards] + [("rank", n) for n in args.shards]
+    runs += [("workers", max(args.shards))]
     rows = []
-    for loader in ("anndata_backed", "cellfoundry", "cellfoundry_rank"):
+    for loader, n_shards in runs:
         cmd = [
             sys.executable,
             __file__,
             "--child",
             loader,
+            str(n_shards),
             "--workdir",
             str(args.workdir),
             "--batch-size",
@@ -228,22 +290,35 @@ def main() -> None:
             str(args.seconds),
         ]
         out = subprocess.run(
-            cmd, env={**os.environ, **SINGLE_THREAD}, capture_output=True, text=True, check=True
+            cmd, env={**os.environ, **SINGLE_THREAD}, capture_output=True, text=True
         )
+        if out.returncode:
+            raise RuntimeError(f"{loader} at {n_shards} shards failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"done {loader} {n_shards}", file=sys.stderr, flush=True)
     base = rows[0]["cells_per_s"]
     labels = {
-        "anndata_backed": "anndata backed, one sorted fancy index per file per batch",
-        "cellfoundry": "cellfoundry ShardCollection.gather (tokens + counts + bins)",
-        "cellfoundry_rank": "cellfoundry gather + Geneformer rank order (top 2,048)",
+        "anndata_backed": "anndata backed, sorted fancy index per file (3 h5ad files)",
+        "sparse": "ShardCollection.gather (tokens, counts, bins)",
+        "rank": "gather + Geneformer rank tokens (top 2,048)",
+        "workers": "gather in 2 DataLoader worker processes",
     }
-    print(f"random batches of {args.batch_size} cells, one core\n")
-    print("| loader | cells/s | peak RSS (MB) | anonymous RSS (MB) | ratio vs anndata backed |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"random batches of {args.batch_size} cells, one core each, ulimit -n {FD_LIMIT}\n")
+    print(
+        "| loader | shards | start-up (s) | cells/s | peak RSS (MB) | anonymous RSS (MB) | open fds | vs anndata |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {labels[row['loader']]} | {row['cells_per_s']:,.0f} | {row['peak_rss_mb']:,.0f} "
-            f"| {row['anon_mb']:,.0f} | {row['cells_per_s'] / base:.1f}x |"
+            f"| {labels[row['loader']]} | {row['shards']:,} | {row['startup_s']:.2f} | "
+            f"{row['cells_per_s']:,.0f} | {row['peak_rss_mb']:,.0f} | {row['anon_mb']:,.0f} | "
+            f"{row['open_fds']} | {row['cells_per_s'] / base:.1f}x |"
+        )
+    by = {(r["loader"], r["shards"]): r["cells_per_s"] for r in rows}
+    small, large = min(args.shards), max(args.shards)
+    for loader in ("sparse", "rank"):
+        print(
+            f"\n{loader}: cells/s at {large:,} shards / at {small:,}: {by[(loader, large)] / by[(loader, small)]:.2f}"
         )
 
 

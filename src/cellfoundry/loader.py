@@ -50,6 +50,7 @@ class SparseBatch:
     counts: np.ndarray  # int32 [nnz], raw counts
     bins: np.ndarray  # uint8 [nnz], quantile bins
     shard: np.ndarray  # int32 [B], row (shard) of each cell in the collection
+    total_counts: np.ndarray | None = None  # float64 [B], when the collection has medians
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -128,6 +129,8 @@ class TokenSpace:
         to_model: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.mappings = dict(mappings)
+        for mapping in self.mappings.values():
+            mapping.index  # noqa: B018 - built now, before any DataLoader worker is forked
         self.to_model = dict(to_model) if to_model is not None else None
         if self.to_model is None:
             self.n_tokens = max((m.n_tokens for m in self.mappings.values()), default=0)
@@ -228,7 +231,7 @@ class ShardCollection:
         self._indptr = _placeholders(np.zeros(1, dtype=np.int64), len(self.rows))
         self._entries = _placeholders(np.zeros(0, dtype=ENTRY), len(self.rows))
         self._lut = _placeholders(np.zeros(0, dtype=np.int32), len(self.rows))
-        self._total: list[np.ndarray | None] = [None] * len(self.rows)
+        self._total = _placeholders(np.zeros(0, dtype=np.float64), len(self.rows))
         self._mapped = set()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -254,11 +257,11 @@ class ShardCollection:
         info = self.rows[row]
         self._indptr[row] = map_npy(info.path / "indptr.npy")
         self._entries[row] = map_npy(info.path / "entries.npy")
+        if self._median is not None:  # only rank order needs each cell's total count
+            self._total[row] = map_npy(info.path / "total_counts.npy")
         key = (info.species, info.genes_key)
         if key not in self._luts:
-            gene_ids = pl.read_parquet(info.path / "var.parquet", columns=["gene_id"])[
-                "gene_id"
-            ].to_numpy()
+            gene_ids = _gene_ids(info.path)
             lut = self.space.lookup(info.species, gene_ids)
             lut.flags.writeable = False
             self._luts[key] = lut
@@ -315,10 +318,8 @@ class ShardCollection:
         local = self.local_cells(rows, cells - self.cell_offsets[rows])
         out = np.empty(len(cells), dtype=np.float64)
         for r in np.unique(rows):
-            if self._total[r] is None:
-                self._total[r] = map_npy(self.rows[r].path / "total_counts.npy")
             chosen = rows == r
-            out[chosen] = self._total[r][local[chosen]]
+            out[chosen] = map_npy(self.rows[r].path / "total_counts.npy")[local[chosen]]
         return out
 
     def gather(self, cells: np.ndarray) -> SparseBatch:
@@ -336,8 +337,13 @@ class ShardCollection:
             return SparseBatch(
                 cells, np.zeros(1, np.int64), empty, empty, empty.astype(np.uint8), rows
             )
-        offsets, tokens, counts, bins = _gather(self._indptr, self._entries, self._lut, rows, local)
-        return SparseBatch(cells, offsets, tokens, counts, bins, rows)
+        with_totals = self._median is not None
+        offsets, tokens, counts, bins, totals = _gather(
+            self._indptr, self._entries, self._lut, self._total, rows, local, with_totals
+        )
+        return SparseBatch(
+            cells, offsets, tokens, counts, bins, rows, totals if with_totals else None
+        )
 
     def dropped_genes(self) -> pl.DataFrame:
         """Per dataset, genes of its shards outside the vocabulary (they are dropped as cells
@@ -369,16 +375,28 @@ class ShardCollection:
         """
         if self._median is None:
             raise ValueError("rank order needs corpus medians: pass medians= to ShardCollection")
+        totals = (
+            batch.total_counts if batch.total_counts is not None else self.total_counts(batch.cells)
+        )
         offsets, ranked = rank_order(
             batch.offsets,
             batch.tokens,
             batch.counts,
-            self.total_counts(batch.cells),
+            totals,
             self._median,
             max_len,
             target_sum,
         )
         return offsets, ranked
+
+
+def _gene_ids(shard: Path) -> np.ndarray:
+    """A shard's gene IDs. Read with pyarrow on the calling thread: this runs in DataLoader
+    workers forked from the training process, where polars' thread pool would deadlock."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(shard / "var.parquet", columns=["gene_id"], use_threads=False)
+    return np.asarray(table.column("gene_id").to_pylist(), dtype=object)
 
 
 def _placeholders(array: np.ndarray, n: int) -> TypedList:
@@ -426,7 +444,7 @@ def _lengths(indptr, rows, local):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather(indptr, entries, luts, rows, local):  # pragma: no cover - compiled
+def _gather(indptr, entries, luts, totals, rows, local, with_totals):  # pragma: no cover - compiled
     n = rows.shape[0]
     total = 0
     for i in range(n):
@@ -436,6 +454,7 @@ def _gather(indptr, entries, luts, rows, local):  # pragma: no cover - compiled
     tokens = np.empty(total, dtype=np.int32)
     counts = np.empty(total, dtype=np.int32)
     bins = np.empty(total, dtype=np.uint8)
+    cell_totals = np.zeros(n if with_totals else 0, dtype=np.float64)
     k = 0
     offsets[0] = 0
     for i in range(n):
@@ -443,6 +462,8 @@ def _gather(indptr, entries, luts, rows, local):  # pragma: no cover - compiled
         p = indptr[r]
         records = entries[r]
         lut = luts[r]
+        if with_totals:
+            cell_totals[i] = totals[r][local[i]]
         for j in range(p[local[i]], p[local[i] + 1]):
             record = records[j]
             token = lut[record.gene]
@@ -452,7 +473,7 @@ def _gather(indptr, entries, luts, rows, local):  # pragma: no cover - compiled
                 bins[k] = record.bin
                 k += 1
         offsets[i + 1] = k
-    return offsets, tokens[:k], counts[:k], bins[:k]
+    return offsets, tokens[:k], counts[:k], bins[:k], cell_totals
 
 
 def random_batches(

@@ -13,6 +13,7 @@ file (see :class:`_DictionaryUnpickler`).
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 import struct
@@ -70,11 +71,16 @@ class TokenMapping:
             raise KeyError(f"{gene_id} is not in the {self.species} token mapping")
         return int(row["token"][0])
 
-    def tokens(self, gene_ids: np.ndarray | list[str]) -> np.ndarray:
-        """Token id of each gene, -1 for genes outside the vocabulary (they are dropped)."""
-        lookup = dict(
+    @functools.cached_property
+    def index(self) -> dict[str, int]:
+        """gene_id -> token, built once per mapping (not per shard or gene list)."""
+        return dict(
             zip(self.table["gene_id"].to_list(), self.table["token"].to_list(), strict=True)
         )
+
+    def tokens(self, gene_ids: np.ndarray | list[str]) -> np.ndarray:
+        """Token id of each gene, -1 for genes outside the vocabulary (they are dropped)."""
+        lookup = self.index
         return np.array([lookup.get(str(g), -1) for g in gene_ids], dtype=np.int32)
 
 

@@ -39,7 +39,13 @@ from cellfoundry.errors import DatasetError
 from cellfoundry.formats import PREPROCESS as FORMAT_VERSION
 from cellfoundry.gene_stats import EXACT_MAX_CELLS, GeneStatsAccumulator, merge_gene_stats
 from cellfoundry.io import atomic_outputs, blake3, read_json, write_json
-from cellfoundry.readers import GENE_EXPRESSION, CellReader, CscTooLarge, open_source
+from cellfoundry.readers import (
+    GENE_EXPRESSION,
+    CellReader,
+    CscTooLarge,
+    MtxUnordered,
+    open_source,
+)
 from cellfoundry.reference import (
     ENSEMBL_ID,
     NCBI_TAXON,
@@ -487,10 +493,7 @@ def find_counts(reader: CellReader, where: str, dataset: str, path: Path, block_
     for candidate in candidates:
         if candidate not in present:
             continue
-        try:
-            _, block = next(reader.blocks(candidate, min(block_cells, 1024)))
-        except CscTooLarge as error:
-            raise DatasetError(dataset, path, str(error)) from error
+        _, block = next(_blocks(reader, candidate, min(block_cells, 1024), dataset, path))
         problem = check_counts(block, 0, reader, candidate)[1]
         if problem is None:
             return candidate
@@ -898,7 +901,7 @@ def _blocks(
 ) -> Iterator[tuple[int, sp.csr_matrix]]:
     try:
         yield from reader.blocks(location, block_cells)
-    except CscTooLarge as error:
+    except (CscTooLarge, MtxUnordered) as error:
         raise DatasetError(dataset, path, str(error)) from error
     except (OSError, ValueError, KeyError) as error:
         raise DatasetError(

@@ -275,6 +275,10 @@ class CscTooLarge(ValueError):
         )
 
 
+class MtxUnordered(ValueError):
+    """A large MTX file whose entries are not in order of cells (raised while reading blocks)."""
+
+
 def _shape(element: Any) -> tuple[int, int]:
     if isinstance(element, h5py.Dataset):
         return tuple(int(n) for n in element.shape)  # type: ignore[return-value]
@@ -543,7 +547,7 @@ class MtxReader(CellReader):
             values = chunk.to_numpy()
             cells = values[:, cell_col].astype(np.int64) - 1
             if np.any(np.diff(cells) < 0) or (len(cells) and cells[0] < last_cell):
-                raise ValueError(
+                raise MtxUnordered(
                     f"matrix.mtx holds {self.nnz:,} entries not ordered by cell; files above "
                     f"{MTX_IN_MEMORY_NNZ:,} entries are read in order of cells: sort the entries "
                     "by barcode or convert the folder to h5ad"

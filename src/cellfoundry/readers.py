@@ -42,6 +42,8 @@ from cellfoundry.sources import SourceFile
 CSC_IN_MEMORY_NNZ = 1 << 24
 # An MTX file of up to this many entries is read whole by scanpy; larger ones are streamed.
 MTX_IN_MEMORY_NNZ = 1 << 24
+# Larger MTX files are parsed this many coordinate lines at a time.
+MTX_CHUNK_LINES = 1 << 20
 # Dense matrices (loom, dense h5ad X) are read in blocks of at most this many bytes.
 DENSE_BLOCK_BYTES = 64 << 20
 GENE_EXPRESSION = "Gene Expression"
@@ -540,7 +542,7 @@ class MtxReader(CellReader):
             skiprows=self._header_lines,
             names=["a", "b", "v"],
             dtype={"a": np.int64, "b": np.int64, "v": np.float64},
-            chunksize=1 << 20,
+            chunksize=MTX_CHUNK_LINES,
             engine="c",
         )
         for chunk in reader:

@@ -709,7 +709,10 @@ def barcode_sketch(names: pd.Index, k: int = 256) -> list[int]:
     """The `k` smallest 64-bit hashes of a file's cell names (a bottom-k MinHash sketch).
 
     Two files' sketches estimate how many cell barcodes they share (a Cell Ranger filtered and
-    raw matrix, or one sample twice) without keeping the barcodes.
+    raw matrix, or one sample twice) without keeping the barcodes. Files sketch the cells they
+    keep (the names their shards and the default split use): a raw matrix's hundreds of
+    thousands of empty droplets would leave almost none of a filtered matrix's barcodes among
+    the union's k smallest hashes.
     """
     hashes = pd.util.hash_array(np.asarray(names.astype(str), dtype=object))
     hashes = np.unique(hashes)
@@ -873,7 +876,7 @@ def preprocess_file(
             ),
             "nnz": info["nnz"],
             "warnings": warnings,
-            "barcode_sketch": barcode_sketch(reader.obs.index),
+            "barcode_sketch": barcode_sketch(obs.index),
             "inputs": _input_checksums(source),
             "h5ad_blake3": blake3(h5ad_path),
             "settings": asdict(settings),
@@ -1140,7 +1143,7 @@ def aggregate_dataset(
 def shared_barcodes(records: list[dict[str, Any]], *, threshold: float = 0.5) -> list[list[str]]:
     """Groups of files that share most of their cell barcodes (estimated from their sketches).
 
-    Two files are grouped when the estimated share of the smaller file's barcodes also found
+    Two files are grouped when the estimated share of the smaller file's kept cells also found
     in the other is at least `threshold`: the same cells read twice must never be split
     between training and validation.
     """
@@ -1154,7 +1157,7 @@ def shared_barcodes(records: list[dict[str, Any]], *, threshold: float = 0.5) ->
         return i
 
     sketches = [np.asarray(r["barcode_sketch"], dtype=np.uint64) for r in records]
-    sizes = [r["cells_in"] for r in records]
+    sizes = [r["cells_kept"] for r in records]
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             if containment(sketches[i], sketches[j], sizes[i], sizes[j]) >= threshold:

@@ -20,14 +20,14 @@ from cellfoundry.sources import SourceFile, dataset_sources
 LOOSE = PreprocessSettings(min_genes=10, min_counts=50, max_mito_fraction=0.5)
 
 
-def file_outputs(root: Path, name: str) -> FileOutputs:
+def file_outputs(root: Path, name: str, dataset: str = "ds") -> FileOutputs:
     """The outputs of one input as the workflow lays them out (qc and cells side by side)."""
     return FileOutputs(
-        root / "data" / "h5ads" / f"{name}.h5ad",
-        root / "shards" / name,
-        root / "stats" / f"{name}.parquet",
-        root / "qc" / f"{name}.json",
-        root / "qc" / f"{name}.cells.parquet",
+        root / "data" / dataset / "h5ads" / f"{name}.h5ad",
+        root / "shards" / dataset / name,
+        root / "stats" / "files" / dataset / f"{name}.parquet",
+        root / "qc" / dataset / "files" / f"{name}.json",
+        root / "qc" / dataset / "files" / f"{name}.cells.parquet",
     )
 
 
@@ -44,7 +44,7 @@ def preprocess_source(
     exact_max_cells: int = EXACT_MAX_CELLS,
 ) -> tuple[dict, FileOutputs]:
     """Preprocess one input into `root`; returns its QC record and where its outputs are."""
-    outputs = file_outputs(root, source.name)
+    outputs = file_outputs(root, source.name, dataset)
     qc = preprocess_file(
         dataset,
         species,
@@ -87,7 +87,7 @@ def preprocess_dataset(
         root / "qc" / dataset / "qc.json",
         root / "qc" / dataset / "qc.png",
         root / "provenance" / f"{dataset}.json",
-        root / "shards" / "manifest.json",
+        root / "shards" / dataset / "manifest.json",
     )
     qc = aggregate_dataset(
         dataset,

@@ -307,7 +307,7 @@ def test_empty_after_qc_fails(make_adata, human, tmp_path):
 
 def cli_preprocess(dataset: str, species: str, path: Path, root: Path, reference: str) -> list[str]:
     (source,) = dataset_sources(dataset, path).files
-    out = file_outputs(root, source.name)
+    out = file_outputs(root, source.name, dataset)
     return [
         "preprocess",
         "--dataset",
@@ -346,7 +346,7 @@ def test_cli_preprocesses_one_file_and_reports_bad_input_in_one_line(make_adata,
     reference = tmp_path / "hsapiens.parquet"
     assert main(["reference", "--species", "hsapiens", "--out", str(reference)]) == 0
     assert main(cli_preprocess("pbmc", "hsapiens", path, tmp_path / "out", str(reference))) == 0
-    out = file_outputs(tmp_path / "out", "cow")
+    out = file_outputs(tmp_path / "out", "cow", "pbmc")
     assert ad.read_h5ad(out.h5ad).n_obs == json.loads(out.qc.read_text())["cells_kept"] > 0
 
 

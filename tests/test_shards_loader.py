@@ -56,14 +56,14 @@ def corpus(make_adata, human, tmp_path):
             adatas[name] = ad.read_h5ad(out.h5ad)
             shards.append(out.shard)
             stats.append(out.gene_stats)
-        roots[dataset] = tmp_path / dataset / "shards"
+        roots[dataset] = tmp_path / dataset / "shards" / dataset
         write_dataset_manifest(dataset, "hsapiens", shards, roots[dataset] / "manifest.json")
     genes = sorted(set().union(*(a.var_names for a in adatas.values())))
     # Leave one gene out of the vocabulary: the loader must drop it.
     mapping = vocabulary.from_genes("hsapiens", genes[1:], human)
     return {
         "roots": roots,
-        "shards": {name: tmp_path / name[0] / "shards" / name for name in adatas},
+        "shards": {name: roots[name[0]] / name for name in adatas},
         "adatas": adatas,
         "mapping": mapping,
         "medians": summarize(merge_gene_stats(sorted(stats))),

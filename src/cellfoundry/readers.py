@@ -533,7 +533,10 @@ class MtxReader(CellReader):
     def _read_whole(self) -> sp.csr_matrix:
         import scanpy as sc
 
-        if not self.transposed and "feature_types" in self._var:
+        # scanpy reads Cell Ranger 3+ folders only gzipped, as Cell Ranger writes them; plain
+        # ones (and Cell Ranger 2, transposed GEO files) are read by scipy.
+        gzipped = self.matrix_path.name.endswith(".gz")
+        if not self.transposed and "feature_types" in self._var and gzipped:
             adata = sc.read_10x_mtx(
                 self.path, var_names="gene_ids", gex_only=False, make_unique=False
             )

@@ -147,22 +147,28 @@ def test_10x_h5_genomes_with_different_barcodes_fail_in_one_line(genes, counts, 
 # --- 10x MTX folders ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize(
+    ("version", "gzipped"), [(2, False), (2, True), (3, True), (3, False)]
+)  # as Cell Ranger writes them first, then as people recompress them
 @pytest.mark.parametrize("streamed", [False, True])
-def test_mtx_folder_equals_scanpy(genes, counts, human, tmp_path, monkeypatch, version, streamed):
+def test_mtx_folder_equals_scanpy(
+    genes, counts, human, tmp_path, monkeypatch, version, gzipped, streamed
+):
     hs = genes["hsapiens"]
     X = counts["hsapiens"]
-    folder = write_mtx(
-        tmp_path / "sample1", X, BARCODES, hs["gene_id"], hs["gene_name"], version=version
-    )
-    assert (folder / ("features.tsv.gz" if version == 3 else "genes.tsv")).is_file()
+    args = (X, BARCODES, hs["gene_id"], hs["gene_name"])
+    folder = write_mtx(tmp_path / "sample1", *args, version=version, gzipped=gzipped)
+    name = "features.tsv" if version == 3 else "genes.tsv"
+    assert (folder / (name + (".gz" if gzipped else ""))).is_file()
+    # scanpy reads each version in Cell Ranger's own layout only
+    canonical = write_mtx(tmp_path / "canonical", *args, version=version)
     if streamed:  # past the size read whole: coordinate lines in order, in chunks of 50 lines
         monkeypatch.setattr(readers, "MTX_IN_MEMORY_NNZ", 10)
         monkeypatch.setattr(readers, "MTX_CHUNK_LINES", 50)
     (source,) = dataset_sources("ds", folder).files
     assert (source.name, source.format) == ("sample1", "mtx")
     ours, var, obs = read_blocks(source)
-    theirs = sc.read_10x_mtx(folder, var_names="gene_ids")
+    theirs = sc.read_10x_mtx(canonical, var_names="gene_ids")
     assert_same_matrix(ours, theirs.X)
     assert list(var.index) == list(theirs.var_names)
     assert list(obs.index) == list(theirs.obs_names)

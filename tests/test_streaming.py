@@ -239,3 +239,31 @@ def test_loom_in_blocks_equals_whole_matrix(mouse, tmp_path, monkeypatch):
     assert list(written.obs["cluster"]) == list(
         np.arange(len(cells))[np.isin(cells, expected.obs_names)] % 3
     )
+
+
+def test_dense_blocks_capped_by_bytes_give_the_same_outputs(
+    make_adata, human, tmp_path, monkeypatch
+):
+    adata = make_adata(n_cells=50, n_genes=120)
+    adata.X = adata.X.toarray()  # dense float32, as many older h5ad files hold counts
+    h5ad = tmp_path / "dense.h5ad"
+    adata.write_h5ad(h5ad)
+    loom = write_loom(
+        tmp_path / "dense.loom",
+        adata.X.astype(np.int32),
+        row_attrs={"Accession": adata.var_names.to_numpy()},
+        col_attrs={"CellID": adata.obs_names.to_numpy()},
+    )
+    sizes = {h5ad: blocks_read(monkeypatch, readers.H5adReader)}
+    sizes[loom] = blocks_read(monkeypatch, readers.LoomReader)
+    runs: dict[Path, list] = {h5ad: [], loom: []}
+    for cap in (None, 120 * 4 * 3):  # at most 3 cells of 4-byte values a block
+        if cap is not None:
+            monkeypatch.setattr(readers, "DENSE_BLOCK_BYTES", cap)
+        for path in (h5ad, loom):
+            sizes[path].clear()
+            _, out = preprocess_path(path, human, tmp_path / f"{cap}{path.suffix}", block_cells=16)
+            runs[path].append(output_bytes(out))
+            assert max(sizes[path]) == (16 if cap is None else 3)
+    for outputs in runs.values():
+        assert_same_outputs(outputs)

@@ -25,6 +25,7 @@ import gzip
 import shutil
 import tempfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,16 @@ def open_source(dataset: str, source: SourceFile) -> Iterator[CellReader]:
                 reader = _open(source, stack)
         except DatasetError:
             raise
-        except (OSError, KeyError, ValueError, TypeError, IndexError) as error:
+        except (
+            OSError,
+            KeyError,
+            ValueError,
+            TypeError,
+            IndexError,
+            EOFError,
+            zlib.error,
+        ) as error:
+            # EOFError, zlib.error: a truncated or corrupt `.h5ad.gz`
             raise DatasetError(
                 dataset,
                 source.path,

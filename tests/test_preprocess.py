@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from importlib.metadata import version
@@ -359,6 +360,12 @@ def test_truncated_and_unsupported_files(make_adata, human, tmp_path):
         DatasetError, match=r"dataset 'ds', file '.*cut.h5ad': cannot be read as h5ad"
     ):
         preprocess_path(path, human, tmp_path / "out")
+    whole = gzip.compress(data)
+    for name, content in (("cut", whole[: len(whole) // 2]), ("bad", whole[:20] + b"x" * 200)):
+        gz = tmp_path / f"{name}.h5ad.gz"
+        gz.write_bytes(content)  # truncated stream, corrupt stream
+        with pytest.raises(DatasetError, match=rf"{name}.h5ad.gz': cannot be read as h5ad"):
+            preprocess_path(gz, human, tmp_path / "out")
     junk = tmp_path / "molecule_info.h5"
     junk.write_bytes(b"not hdf5" * 100)
     with pytest.raises(DatasetError, match=r"molecule_info.h5': cannot be read as 10x HDF5"):

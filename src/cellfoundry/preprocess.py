@@ -21,6 +21,7 @@ import contextlib
 import logging
 import platform
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -906,7 +907,8 @@ def _blocks(
         yield from reader.blocks(location, block_cells)
     except (CscTooLarge, MtxUnordered) as error:
         raise DatasetError(dataset, path, str(error)) from error
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zlib.error) as error:
+        # EOFError, zlib.error: a truncated or corrupt gzipped MTX file
         raise DatasetError(
             dataset, path, f"cannot be read (truncated or not a valid file?): {error}"
         ) from error

@@ -203,6 +203,22 @@ def test_large_unordered_mtx_is_refused_in_one_line(genes, counts, human, tmp_pa
     assert not list((tmp_path / "out").rglob("*.*"))
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_truncated_gzipped_mtx_fails_in_one_line(genes, human, tmp_path, monkeypatch, streamed):
+    hs = genes["hsapiens"]
+    barcodes = [f"C{i}-1" for i in range(300)]
+    folder = write_mtx(
+        tmp_path / "cut", count_matrix(300, 60), barcodes, hs["gene_id"], hs["gene_name"]
+    )
+    data = (folder / "matrix.mtx.gz").read_bytes()
+    (folder / "matrix.mtx.gz").write_bytes(data[: len(data) * 2 // 3])
+    if streamed:
+        monkeypatch.setattr(readers, "MTX_IN_MEMORY_NNZ", 10)
+    with pytest.raises(DatasetError, match=rf"'{folder}': cannot be read \(truncated or not"):
+        preprocess_path(folder, human, tmp_path / "out")
+    assert not list((tmp_path / "out").rglob("*.*"))
+
+
 def test_transposed_mtx_from_geo_is_read(genes, counts, human, tmp_path):
     hs = genes["hsapiens"]
     folder = write_mtx(

@@ -296,6 +296,20 @@ def test_too_few_genes_mapping_fails_naming_the_likely_species(make_adata, mouse
     assert nothing_written(tmp_path / "out")
 
 
+def test_settings_naming_what_is_not_there_fail_in_one_line(make_adata, human, tmp_path):
+    path = tmp_path / "f.h5ad"
+    make_adata().write_h5ad(path)
+    for override, message in (
+        ({"counts": "layers/umi"}, "has no layers/umi (config preprocess.counts); the file has X"),
+        ({"genes": "var/ensembl"}, "has no var column 'ensembl' (config preprocess.genes)"),
+    ):
+        settings = PreprocessSettings(**{**LOOSE.__dict__, **override})
+        with pytest.raises(DatasetError) as error:
+            preprocess_path(path, human, tmp_path / "out", settings)
+        assert str(error.value) == f"dataset 'ds', file '{path}': {message}"
+    assert nothing_written(tmp_path / "out")
+
+
 def test_empty_after_qc_fails(make_adata, human, tmp_path):
     path = tmp_path / "shallow.h5ad"
     make_adata(depth=50).write_h5ad(path)

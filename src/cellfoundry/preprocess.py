@@ -1099,12 +1099,16 @@ def aggregate_dataset(
         sorted(file_stats, key=lambda p: p.name), exact_max_cells=exact_max_cells
     )
     qc["genes_out"] = int(stats.height)
-    with atomic_outputs(outputs.gene_stats, outputs.qc, outputs.qc_plot, outputs.provenance) as (
-        stats_path,
-        qc_path,
-        plot_path,
-        provenance_path,
-    ):
+    with atomic_outputs(
+        outputs.gene_stats,
+        outputs.qc,
+        outputs.qc_plot,
+        outputs.provenance,
+        outputs.shard_manifest,
+    ) as (stats_path, qc_path, plot_path, provenance_path, manifest_path):
+        # First: it refuses shards of another format or number of bins, and then nothing of
+        # the dataset's outputs may be left.
+        write_dataset_manifest(dataset, species, shards, manifest_path)
         stats.write_parquet(stats_path, statistics=False)
         write_json(qc_path, qc)
         from cellfoundry.plots import plot_qc
@@ -1138,7 +1142,6 @@ def aggregate_dataset(
                 "versions": software_versions(),
             },
         )
-    write_dataset_manifest(dataset, species, shards, outputs.shard_manifest)
     return qc
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+from dataclasses import astuple
 from importlib.metadata import version
 from pathlib import Path
 
@@ -20,8 +21,10 @@ import scipy.sparse as sp
 from cellfoundry.cli import main
 from cellfoundry.errors import DatasetError
 from cellfoundry.preprocess import (
+    DatasetOutputs,
     PreprocessSettings,
     _collapse,
+    aggregate_dataset,
     find_counts,
     map_genes,
 )
@@ -270,6 +273,45 @@ def test_dataset_outputs_written_and_deterministic(make_adata, human, tmp_path):
             [output_bytes(f) for f in files] + [out.gene_stats.read_bytes(), out.qc.read_bytes()]
         )
     assert digests[0] == digests[1]
+
+
+def test_aggregating_shards_of_different_bins_leaves_no_dataset_output(make_adata, human, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    adata = make_adata()
+    adata[:30].copy().write_h5ad(folder / "a.h5ad")
+    adata[30:].copy().write_h5ad(folder / "b.h5ad")
+    root = tmp_path / "out"
+    # b was preprocessed with another shards.n_bins (a stale output, say)
+    files = [
+        preprocess_path(folder / f"{name}.h5ad", human, root, n_bins=n_bins)[1]
+        for name, n_bins in (("a", 11), ("b", 51))
+    ]
+    outputs = DatasetOutputs(
+        root / "stats" / "datasets" / "ds.parquet",
+        root / "qc" / "ds" / "qc.json",
+        root / "qc" / "ds" / "qc.png",
+        root / "provenance" / "ds.json",
+        root / "shards" / "ds" / "manifest.json",
+    )
+    with pytest.raises(
+        DatasetError, match=r"dataset 'ds', file '.*b': has 51 bins, other shards 11"
+    ):
+        aggregate_dataset(
+            "ds",
+            "hsapiens",
+            folder,
+            [f.qc for f in files],
+            [f.gene_stats for f in files],
+            [f.shard for f in files],
+            LOOSE,
+            outputs,
+            reference_source=human.source,
+        )
+    for path in astuple(outputs):
+        assert not path.exists(), path
+    assert not list(root.rglob(".*partial*"))
+    assert sorted(p.name for p in (root / "shards" / "ds").iterdir()) == ["a", "b"]
 
 
 def test_failure_in_a_late_block_leaves_no_partial_output(make_adata, human, tmp_path):

@@ -31,6 +31,7 @@ from cellfoundry.shards import (
 from cellfoundry.splits import HOLDOUT_SCHEMA, MANIFEST_SCHEMA
 from conftest import REPO
 from prep import preprocess_path
+from workers import gather_in_worker
 
 N_BINS = 11
 
@@ -288,6 +289,21 @@ def test_pickled_collection_serves_the_same_batches(corpus):
     assert np.array_equal(
         clone.rank_batch(after, max_len=10)[1], collection.rank_batch(before, max_len=10)[1]
     )
+
+
+def test_collection_serves_spawned_workers(corpus):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    collection = loader.ShardCollection(
+        [corpus["shards"][n] for n in ("a1", "a2", "b1")], {"hsapiens": corpus["mapping"]}
+    )
+    cells = np.array([0, 41, 95, 129])
+    here = gather_in_worker(collection, cells)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        there = pool.submit(gather_in_worker, collection, cells).result(timeout=300)
+    for a, b in zip(here, there, strict=True):
+        assert np.array_equal(a, b)
 
 
 def open_fds() -> int:

@@ -42,6 +42,8 @@ def preprocess_source(
     block_cells: int = BLOCK_CELLS,
     n_bins: int = 11,
     exact_max_cells: int = EXACT_MAX_CELLS,
+    seed: int = 0,
+    tie_break: str = "random",
 ) -> tuple[dict, FileOutputs]:
     """Preprocess one input into `root`; returns its QC record and where its outputs are."""
     outputs = file_outputs(root, source.name, dataset)
@@ -55,6 +57,8 @@ def preprocess_source(
         n_bins=n_bins,
         block_cells=block_cells,
         exact_max_cells=exact_max_cells,
+        seed=seed,
+        tie_break=tie_break,
     )
     return qc, outputs
 

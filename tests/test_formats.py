@@ -317,7 +317,7 @@ def test_gzipped_h5ad_equals_the_h5ad(make_adata, human, tmp_path):
     zipped, b = preprocess_path(
         tmp_path / "gz" / "sample.h5ad.gz", human, tmp_path / "b", block_cells=7
     )
-    assert zipped["h5ad_sha256"] == plain["h5ad_sha256"]
+    assert zipped["h5ad_blake3"] == plain["h5ad_blake3"]
     bytes_a, bytes_b = output_bytes(a), output_bytes(b)
     assert {k: v for k, v in bytes_a.items() if k != "qc"} == {
         k: v for k, v in bytes_b.items() if k != "qc"
@@ -355,7 +355,7 @@ def test_csc_h5ad_is_read_when_small_and_refused_with_a_how_to_when_large(
     adata.write_h5ad(csc_path)
     a, _ = preprocess_path(csr_path, human, tmp_path / "a", block_cells=7)
     b, _ = preprocess_path(csc_path, human, tmp_path / "b", block_cells=7)
-    assert a["h5ad_sha256"] == b["h5ad_sha256"]
+    assert a["h5ad_blake3"] == b["h5ad_blake3"]
     monkeypatch.setattr(readers, "CSC_IN_MEMORY_NNZ", 100)
     with pytest.raises(DatasetError) as error:
         preprocess_path(csc_path, human, tmp_path / "c")

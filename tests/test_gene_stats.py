@@ -1,5 +1,6 @@
-"""Per-gene statistics: exact values for rarely detected genes, log2 histograms beyond, merged
-per dataset and species; their medians (Geneformer's gene scaling), means and variances."""
+"""Per-gene statistics: exact values for rarely detected genes, log2 codes, then log2 histograms
+for genes seen in more cells, merged per dataset and species; their medians (Geneformer's gene
+scaling), means and variances."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 import scipy.sparse as sp
 
 from cellfoundry.gene_stats import (
+    CODE_RESOLUTION,
+    RESOLUTION,
     GeneStatsAccumulator,
     merge_gene_stats,
     nonzero_medians,
@@ -21,11 +24,20 @@ from cellfoundry.gene_stats import (
 TARGET = 10_000.0
 
 
-def accumulate(X: sp.csr_matrix, genes, *, block: int = 1000, exact_max_cells: int = 10_000):
+def accumulate(
+    X: sp.csr_matrix,
+    genes,
+    *,
+    block: int = 1000,
+    exact_max_cells: int = 10_000,
+    quantized_max_cells: int = 10_000,
+):
     """Statistics of a cells x genes count matrix, added `block` cells at a time."""
     X = sp.csr_matrix(X)
     total = np.asarray(X.sum(1)).ravel().astype(np.float64)
-    stats = GeneStatsAccumulator(X.shape[1], exact_max_cells=exact_max_cells)
+    stats = GeneStatsAccumulator(
+        X.shape[1], exact_max_cells=exact_max_cells, quantized_max_cells=quantized_max_cells
+    )
     for start in range(0, X.shape[0], block):
         B = X[start : start + block]
         stats.add_cells(B.indptr, B.indices, B.data, total[start : start + block])
@@ -65,7 +77,7 @@ def e18(shared_data) -> ad.AnnData:
 def test_exact_statistics_equal_numpy_on_a_real_file(e18):
     X = sp.csr_matrix(e18.X)
     X = X[np.asarray(X.sum(1)).ravel() > 0]
-    stats = accumulate(X, e18.var_names, block=777)
+    stats = accumulate(X, e18.var_names, block=777)  # 10,000 cells: every value kept
     medians, exact = nonzero_medians(stats)
     columns = normalized_columns(X)
     detected = np.array([len(c) > 0 for c in columns])
@@ -81,30 +93,79 @@ def test_exact_statistics_equal_numpy_on_a_real_file(e18):
     assert (summary["nonzero_median"].to_numpy()[~detected] == 0).all()
 
 
+def tiers(stats: pl.DataFrame) -> np.ndarray:
+    """Per gene: how many non-zero values each tier holds, as columns (values, codes, hist)."""
+    return np.stack(
+        [
+            stats["values"].list.len().to_numpy(),
+            stats["codes"].list.len().to_numpy(),
+            stats["hist"].list.sum().fill_null(0).to_numpy(),
+        ],
+        axis=1,
+    )
+
+
+def test_each_tier_holds_every_value_of_its_genes():
+    X = synthetic(3_000, 80, seed=5)
+    stats = accumulate(
+        X, [f"g{i:02d}" for i in range(80)], exact_max_cells=50, quantized_max_cells=500
+    )
+    held = tiers(stats)
+    n_cells = stats["n_cells"].to_numpy()
+    assert np.array_equal(held.sum(1), n_cells)  # every non-zero value once, in one tier
+    assert ((held > 0).sum(1) <= 1).all()  # never split between tiers
+    assert np.array_equal(held[:, 0] > 0, (n_cells > 0) & (n_cells <= 50))
+    assert np.array_equal(held[:, 1] > 0, (n_cells > 50) & (n_cells <= 500))
+    assert np.array_equal(held[:, 2] > 0, n_cells > 500)
+    assert (held > 0).any(0).all()  # all three tiers in use
+
+
+def test_coded_medians_are_within_half_a_code():
+    X = synthetic(5_000, 120, seed=6)
+    stats = accumulate(
+        X, [f"g{i:03d}" for i in range(120)], exact_max_cells=50, quantized_max_cells=100_000
+    )
+    medians, exact = nonzero_medians(stats)
+    columns = normalized_columns(X)
+    coded = tiers(stats)[:, 1] > 0
+    assert coded.sum() > 100 and not exact[coded].any()
+    truth = np.array([np.median(c) for c in np.array(columns, dtype=object)[coded]])
+    error = np.abs(np.log2(medians[coded] / truth))
+    assert error.max() <= 0.5 / CODE_RESOLUTION + 1e-12
+
+
 def test_histogram_medians_are_within_a_tenth_of_a_percent():
     X = synthetic(20_000, 150, seed=1)
-    stats = accumulate(X, [f"g{i}" for i in range(150)], block=4096, exact_max_cells=100)
+    stats = accumulate(
+        X,
+        [f"g{i:03d}" for i in range(150)],
+        block=4096,
+        exact_max_cells=100,
+        quantized_max_cells=100,
+    )
     medians, exact = nonzero_medians(stats)
     columns = normalized_columns(X)
     many = np.array([len(c) > 100 for c in columns])
+    held = tiers(stats)
     assert many.sum() > 100 and not exact[many].any()
-    assert stats.filter(pl.Series(many))["values"].list.len().max() == 0
+    assert (held[many, :2] == 0).all()
+    assert held[many, 2].tolist() == [len(c) for c in np.array(columns, dtype=object)[many]]
     truth = np.array([np.median(c) for c in np.array(columns, dtype=object)[many]])
     error = np.abs(medians[many] / truth - 1)
     assert np.mean(error <= 1e-3) >= 0.99
-    assert error.max() < 2 ** (1 / 256) - 1  # never more than a bin (0.27%)
-    # Histograms count every value once, and genes at most exact_max_cells keep exact values.
-    assert stats["hist"].list.sum().fill_null(0).to_numpy()[many].tolist() == [
-        len(c) for c in np.array(columns, dtype=object)[many]
-    ]
+    assert error.max() < 2 ** (1 / RESOLUTION) - 1  # never more than a bin (0.27%)
     few = np.array([0 < len(c) <= 100 for c in columns])
     assert exact[few].all()
 
 
-def test_statistics_do_not_depend_on_blocks_or_when_values_move_to_histograms():
+def test_statistics_do_not_depend_on_blocks_or_tier_changes():
     X = synthetic(3_000, 60, seed=2)
-    genes = [f"g{i}" for i in range(60)]
-    tables = [accumulate(X, genes, block=block, exact_max_cells=40) for block in (1, 37, 5000)]
+    genes = [f"g{i:02d}" for i in range(60)]
+    tables = [
+        accumulate(X, genes, block=block, exact_max_cells=20, quantized_max_cells=300)
+        for block in (1, 37, 5000)
+    ]
+    assert (tiers(tables[0]) > 0).any(0).all()  # all three tiers in use
     first = parquet_bytes(tables[0])
     assert all(parquet_bytes(t) == first for t in tables[1:])
 
@@ -112,25 +173,27 @@ def test_statistics_do_not_depend_on_blocks_or_when_values_move_to_histograms():
 def test_merge_is_whole_file_statistics_and_sorted_inputs_give_the_same_bytes(tmp_path):
     X = synthetic(4_000, 80, seed=3)
     genes = np.array([f"ENSG{i:011d}" for i in range(80)])
-    whole = accumulate(X, genes, exact_max_cells=300)
+    limits = {"exact_max_cells": 300, "quantized_max_cells": 1_500}
+    whole = accumulate(X, genes, **limits)
+    assert (tiers(whole) > 0).any(0).all()
     paths = []
     for i, (lo, hi) in enumerate([(0, 500), (500, 2100), (2100, 2200), (2200, 4000)]):
         path = tmp_path / f"part{i}.parquet"
-        accumulate(X[lo:hi], genes, exact_max_cells=300).write_parquet(path, statistics=False)
+        accumulate(X[lo:hi], genes, **limits).write_parquet(path, statistics=False)
         paths.append(path)
-    merged = merge_gene_stats(paths, exact_max_cells=300)
-    for column in ("gene_id", "n_obs", "n_cells", "values", "hist_start", "hist"):
+    merged = merge_gene_stats(paths, **limits)
+    for column in ("gene_id", "n_obs", "n_cells", "values", "codes", "hist_start", "hist"):
         assert merged[column].to_list() == whole[column].to_list(), column
     for column in ("sum", "sum_sq"):
         assert np.allclose(merged[column].to_numpy(), whole[column].to_numpy(), rtol=1e-12)
     medians = nonzero_medians(merged)[0]
     assert np.array_equal(medians, nonzero_medians(whole)[0], equal_nan=True)
     # Callers sort their inputs by name: any listing order gives the same bytes.
-    reference = parquet_bytes(merge_gene_stats(sorted(paths), exact_max_cells=300))
+    reference = parquet_bytes(merge_gene_stats(sorted(paths), **limits))
     rng = np.random.default_rng(0)
     for _ in range(3):
         shuffled = list(rng.permutation(paths))
-        assert parquet_bytes(merge_gene_stats(sorted(shuffled), exact_max_cells=300)) == reference
+        assert parquet_bytes(merge_gene_stats(sorted(shuffled), **limits)) == reference
 
 
 def test_genes_measured_by_some_files_only_count_their_cells():
@@ -146,26 +209,28 @@ def test_genes_measured_by_some_files_only_count_their_cells():
     assert np.isclose(summary["nonzero_median"][1], 2 / 3 * TARGET)
 
 
-def test_tables_made_with_a_smaller_exact_threshold_merge_consistently():
+def test_tables_made_with_smaller_thresholds_merge_consistently():
     X = synthetic(400, 30, seed=4)
     genes = [f"g{i:02d}" for i in range(30)]  # names in index order: merges sort by name
-    small = accumulate(X[:200], genes, exact_max_cells=5)  # histograms for most genes
-    large = accumulate(X[200:], genes, exact_max_cells=10_000)  # exact values only
-    assert small["hist"].list.len().sum() > 0 and large["hist"].list.len().sum() == 0
-    one = merge_gene_stats([small, large], exact_max_cells=10_000)
-    other = merge_gene_stats([large, small], exact_max_cells=10_000)
-    n_values = one["values"].list.len().to_numpy()
-    n_hist = one["hist"].list.sum().fill_null(0).to_numpy()
-    # A gene's non-zero values are all in one place, exact or histogram, never split.
-    assert not np.any((n_values > 0) & (n_hist > 0))
-    assert np.array_equal(n_values + n_hist, one["n_cells"].to_numpy())
-    with_hist = small["hist"].list.len().to_numpy() > 0
-    assert (n_hist[with_hist] > 0).all()
-    for column in ("n_obs", "n_cells", "values", "hist_start", "hist"):
-        assert one[column].to_list() == other[column].to_list()
+    small = accumulate(X[:200], genes, exact_max_cells=5, quantized_max_cells=20)
+    large = accumulate(X[200:], genes, exact_max_cells=10_000, quantized_max_cells=10_000)
+    assert tiers(small)[:, 2].sum() > 0 and tiers(large)[:, 1:].sum() == 0
+    one = merge_gene_stats([small, large], exact_max_cells=10_000, quantized_max_cells=10_000)
+    other = merge_gene_stats([large, small], exact_max_cells=10_000, quantized_max_cells=10_000)
+    held = tiers(one)
+    # A gene's non-zero values are all in one tier, never split.
+    assert ((held > 0).sum(1) <= 1).all()
+    assert np.array_equal(held.sum(1), one["n_cells"].to_numpy())
+    binned = tiers(small)[:, 2] > 0
+    assert (held[binned, 2] > 0).all()  # a histogram cannot become values again
+    for column in ("n_obs", "n_cells", "hist_start", "hist"):
+        assert one[column].to_list() == other[column].to_list(), column
+    assert sorted(map(sorted, one["values"].to_list())) == sorted(
+        map(sorted, other["values"].to_list())
+    )
     # Medians from the merged histograms stay within a bin (0.27%) of the exact ones.
     truth = np.array([np.median(c) if len(c) else np.nan for c in normalized_columns(X)])
     medians, exact = nonzero_medians(one)
     detected = ~np.isnan(truth)
-    assert not exact[with_hist].any()
-    assert np.all(np.abs(medians[detected] / truth[detected] - 1) < 2 ** (1 / 256) - 1)
+    assert not exact[binned].any()
+    assert np.all(np.abs(medians[detected] / truth[detected] - 1) < 2 ** (1 / RESOLUTION) - 1)

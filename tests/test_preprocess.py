@@ -133,7 +133,7 @@ def test_map_symbols_resolves_made_unique_duplicates(human):
     assert mapping.gene_ids[1] == mapping.gene_ids[2] == "ENSG00000000003"
     assert mapping.gene_ids[3] is None
     assert mapping.gene_ids[4] == mapping_of(human, "MT-CO1")  # found ignoring case
-    assert mapping.matches == {"exact": 3, "case": 1, "unmapped": 1}
+    assert mapping.matches == {"case": 1, "exact": 3, "unknown": 1}
 
 
 def mapping_of(reference, symbol: str) -> str:
@@ -262,7 +262,7 @@ def test_dataset_outputs_written_and_deterministic(make_adata, human, tmp_path):
         assert json.loads(out.qc.read_text()) == qc
         provenance = json.loads(out.provenance.read_text())
         assert [Path(i["file"]).name for i in provenance["inputs"]] == ["a.h5ad", "b.h5ad"]
-        assert all(len(i["sha256"]) == 64 for i in provenance["inputs"])
+        assert all(len(i["blake3"]) == 64 for i in provenance["inputs"])
         assert provenance["versions"]["anndata"] == version("anndata")
         manifest = json.loads(out.shard_manifest.read_text())
         assert [(s["file"], s["n_cells"]) for s in manifest["shards"]] == [

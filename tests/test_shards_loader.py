@@ -18,9 +18,10 @@ import pytest
 import scipy.sparse as sp
 
 from cellfoundry import loader, vocabulary
-from cellfoundry.discretize import quantile_bins_reference, rank_order_reference
+from cellfoundry.discretize import quantile_bins_reference, rank_order_reference, tie_uniforms
 from cellfoundry.errors import DatasetError
 from cellfoundry.gene_stats import merge_gene_stats, summarize
+from cellfoundry.seeds import derive_seed
 from cellfoundry.shards import (
     ShardWriter,
     shard_folders,
@@ -82,7 +83,11 @@ def test_shards_hold_counts_bins_and_annotation(corpus):
     assert np.array_equal(np.load(folder / "indptr.npy"), X.indptr)
     assert np.array_equal(entries["gene"], X.indices)
     assert np.array_equal(entries["count"], X.data)
-    assert np.array_equal(entries["bin"], quantile_bins_reference(X, N_BINS))
+    # scGPT's bins with its random tie-break, seeded by the file and each cell's index in the
+    # file (every cell is kept here, so its row).
+    assert adata.n_obs == 40
+    uniforms = tie_uniforms(X.indptr, derive_seed(0, "bins", "a", "a1"))
+    assert np.array_equal(entries["bin"], quantile_bins_reference(X, N_BINS, uniforms))
     assert entries["bin"].min() >= 1 and entries["bin"].max() <= N_BINS - 1
     assert np.array_equal(np.load(folder / "total_counts.npy"), adata.obs["total_counts"])
     obs = pl.read_parquet(folder / "obs.parquet")
@@ -109,6 +114,7 @@ def test_write_shard_of_an_anndata_equals_the_streamed_shard(corpus, tmp_path):
         again,
         n_bins=N_BINS,
         meta={k: meta[k] for k in ("dataset", "species", "file")},
+        seed=derive_seed(0, "bins", "a", "a2"),  # every cell kept: positions are file indices
         block_cells=7,
     )
     assert digest(again) == digest(corpus["shards"]["a2"])

@@ -281,45 +281,77 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
                 str(project / "references" / "genes" / f"{species_name}.parquet"),
             ]
         )
+    from cellfoundry.sources import dataset_sources
+
     for name, d in datasets.items():
+        reference = str(project / "references" / "genes" / f"{d.species}.parquet")
+        files = [s.name for s in dataset_sources(name, root / "demo" / d.path).files]
+        per_file = {
+            key: [str(project / pattern.format(name=name, file=f)) for f in files]
+            for key, pattern in {
+                "h5ad": "data/{name}/h5ads/{file}.h5ad",
+                "shard": "shards/{name}/{file}",
+                "gene-stats": "stats/files/{name}/{file}.parquet",
+                "qc": "qc/{name}/files/{file}.json",
+                "cells": "qc/{name}/files/{file}.cells.parquet",
+            }.items()
+        }
+        for i, file in enumerate(files):
+            main(
+                [
+                    "preprocess",
+                    "--dataset",
+                    name,
+                    "--file",
+                    file,
+                    "--species",
+                    d.species,
+                    "--input",
+                    str(root / "demo" / d.path),
+                    f"--reference={reference}",
+                    "--settings",
+                    settings,
+                    "--n-bins",
+                    str(config["shards"]["n_bins"]),
+                    "--tie-break",
+                    config["shards"]["tie_break"],
+                    "--seed",
+                    str(config["seed"]),
+                    "--exact-max-cells",
+                    str(config["gene_stats"]["exact_max_cells"]),
+                    *[arg for key, paths in per_file.items() for arg in (f"--{key}", paths[i])],
+                ]
+            )
         main(
             [
-                "preprocess",
+                "aggregate",
                 "--dataset",
                 name,
                 "--species",
                 d.species,
                 "--input",
                 str(root / "demo" / d.path),
-                "--reference",
-                str(project / "references" / "genes" / f"{d.species}.parquet"),
                 "--settings",
                 settings,
-                "--h5ad-dir",
-                str(project / "data" / name / "h5ads"),
+                "--exact-max-cells",
+                str(config["gene_stats"]["exact_max_cells"]),
+                f"--reference-source={reference}",
+                "--file-qc",
+                *per_file["qc"],
+                "--file-stats",
+                *per_file["gene-stats"],
+                "--shards",
+                *per_file["shard"],
                 "--gene-stats",
                 str(project / "stats" / "datasets" / f"{name}.parquet"),
-                "--qc-json",
+                "--qc",
                 str(project / "qc" / name / "qc.json"),
                 "--qc-plot",
                 str(project / "qc" / name / "qc.png"),
                 "--provenance",
                 str(project / "provenance" / f"{name}.json"),
-            ]
-        )
-        main(
-            [
-                "shards",
-                "--dataset",
-                name,
-                "--species",
-                d.species,
-                "--h5ad-dir",
-                str(project / "data" / name / "h5ads"),
-                "--n-bins",
-                "51",
-                "--out",
-                str(project / "shards" / name),
+                "--shard-manifest",
+                str(project / "shards" / name / "manifest.json"),
             ]
         )
     token_mappings, summaries = {}, {}
@@ -337,6 +369,8 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
                 species_name,
                 "--inputs",
                 *stats,
+                "--exact-max-cells",
+                str(config["gene_stats"]["exact_max_cells"]),
                 "--out",
                 str(project / "stats" / "species" / f"{species_name}.parquet"),
                 "--summary",
@@ -388,17 +422,22 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
                 str(project / "qc" / "panels" / f"{species_name}.json"),
             ]
         )
+    manifests = [str(project / "shards" / n / "manifest.json") for n in datasets]
     main(
         [
             "splits",
             "--settings",
             json.dumps(config["splits"]),
-            "--datasets",
-            json.dumps({n: d.species for n, d in datasets.items()}),
+            "--qc",
+            *[str(project / "qc" / n / "qc.json") for n in datasets],
+            "--manifests",
+            *manifests,
             "--project-path",
             str(project),
             "--out",
             str(project / "manifests" / "splits.parquet"),
+            "--holdout",
+            str(project / "manifests" / "holdout.parquet"),
             "--split-dir",
             str(project / "splits"),
         ]
@@ -409,8 +448,10 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
             "shard-manifest",
             "--splits",
             str(project / "manifests" / "splits.parquet"),
-            "--shards",
-            *[str(project / "shards" / n) for n in datasets],
+            "--holdout",
+            str(project / "manifests" / "holdout.parquet"),
+            "--manifests",
+            *manifests,
             "--out",
             str(manifest),
         ]
@@ -429,9 +470,9 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
                 species_name,
                 "--token-mapping",
                 str(token_mappings[species_name]),
-                "--shards",
+                "--shard-manifests",
                 *[
-                    str(project / "shards" / n)
+                    str(project / "shards" / n / "manifest.json")
                     for n, d in datasets.items()
                     if d.species == species_name
                 ],

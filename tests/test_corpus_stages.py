@@ -8,20 +8,23 @@ import numpy as np
 import polars as pl
 import pytest
 import scanpy as sc
+import scipy.sparse as sp
 import yaml
 
 from cellfoundry import panels, splits, vocabulary
 from cellfoundry.config import dataset_settings, read_dataset_sheet, validate_config
 from cellfoundry.errors import ConfigError
-from cellfoundry.gene_stats import compute_gene_stats, merge_gene_stats, summarize
+from cellfoundry.gene_stats import GeneStatsAccumulator, merge_gene_stats, summarize
 from conftest import REPO
 
 SCHEMAS = REPO / "workflow" / "schemas"
 
 
 def stats_of(adata) -> pl.DataFrame:
-    total = np.asarray(adata.X.sum(1)).ravel()
-    return compute_gene_stats(adata.X, adata.var_names.to_numpy(), total)
+    X = sp.csr_matrix(adata.X)
+    stats = GeneStatsAccumulator(adata.n_vars)
+    stats.add_cells(X.indptr, X.indices, X.data, np.asarray(X.sum(1)).ravel())
+    return stats.table(adata.var_names.to_numpy())
 
 
 # --- vocabulary -------------------------------------------------------------------------
@@ -202,25 +205,77 @@ def test_split_errors_name_the_file(tmp_path):
         )
 
 
-def test_default_split_is_seeded_and_round_trips(tmp_path):
-    files = {f"d{i}": ("hsapiens", [f"f{j}.h5ad" for j in range(3)]) for i in range(4)}
+def test_default_split_lists_every_file_for_training_and_round_trips(tmp_path):
+    files = {f"d{i}": ("hsapiens", [f"f{j}.h5ad" for j in (2, 0, 1)]) for i in range(3)}
     files["m"] = ("mmusculus", ["only.h5ad"])
-    first = splits.default_splits(files, project_path=str(tmp_path), seed=1, val_fraction=0.25)
-    again = splits.default_splits(
-        dict(reversed(files.items())), project_path=str(tmp_path), seed=1, val_fraction=0.25
-    )
-    other = splits.default_splits(files, project_path=str(tmp_path), seed=2, val_fraction=0.25)
-    assert first == again
-    assert first != other
-    n_val = sum(len(s.files("val")) for name, s in first.items() if name != "m")
-    assert n_val == 3  # round(0.25 x 12)
-    assert first["m"].files("val") == []  # a species with one file keeps it for training
+    first = splits.default_splits(files, project_path=str(tmp_path))
+    assert first == splits.default_splits(dict(reversed(files.items())), project_path=str(tmp_path))
+    assert first["d0"].files("train") == ["f0.h5ad", "f1.h5ad", "f2.h5ad"]
+    assert all(s.files("val") == [] for s in first.values())  # validation is made of cells
     text = splits.split_yaml(first["d0"])
     written = write_split(tmp_path, "d0", yaml.safe_load(text))
     assert "${PATH.PROJECT_PATH}/data/${.source_name}/h5ads" in text
     assert splits.load_split_file(written, str(tmp_path)) == splits.SplitFile(
         **{**first["d0"].__dict__, "origin": str(written)}
     )
+
+
+def test_holdout_cells_are_seeded_capped_and_by_name():
+    names = {f"f{i}.h5ad": np.array([f"cell{i}_{j}" for j in range(2_000)]) for i in range(3)}
+    held = splits.holdout_cells("ds", names, [], seed=1, val_fraction=0.1, max_cells_per_file=500)
+    again = splits.holdout_cells(
+        "ds", dict(reversed(names.items())), [], seed=1, val_fraction=0.1, max_cells_per_file=500
+    )
+    other = splits.holdout_cells("ds", names, [], seed=2, val_fraction=0.1, max_cells_per_file=500)
+    for file, cells in names.items():
+        assert np.array_equal(held[file], again[file])
+        assert not np.array_equal(held[file], other[file])
+        assert np.all(np.diff(held[file]) > 0)
+        # Exactly the cells whose uniform is below the fraction: about 10%.
+        u = splits.barcode_uniforms(1, "ds", cells)
+        assert np.array_equal(held[file], np.flatnonzero(u < 0.1))
+        assert 140 <= len(held[file]) <= 260
+    # A cell's fate depends on its name only: the same cell in another order, same decision.
+    shuffled = {"f0.h5ad": names["f0.h5ad"][::-1]}
+    back = splits.holdout_cells(
+        "ds", shuffled, [], seed=1, val_fraction=0.1, max_cells_per_file=500
+    )
+    assert set(shuffled["f0.h5ad"][back["f0.h5ad"]]) == set(names["f0.h5ad"][held["f0.h5ad"]])
+    # The cap keeps the smallest uniforms.
+    capped = splits.holdout_cells("ds", names, [], seed=1, val_fraction=0.1, max_cells_per_file=20)
+    u = splits.barcode_uniforms(1, "ds", names["f1.h5ad"])
+    assert np.array_equal(capped["f1.h5ad"], np.sort(np.argsort(u)[:20]))
+    # Another dataset draws other cells from the same names.
+    elsewhere = splits.holdout_cells(
+        "other", names, [], seed=1, val_fraction=0.1, max_cells_per_file=500
+    )
+    assert not np.array_equal(elsewhere["f0.h5ad"], held["f0.h5ad"])
+
+
+def test_holdout_of_files_sharing_barcodes_is_decided_together():
+    rng = np.random.default_rng(0)
+    cells = np.array([f"AAAC{i:05d}-1" for i in range(3_000)])
+    files = {
+        "filtered.h5ad": cells[rng.permutation(1_000)],
+        "raw.h5ad": cells[rng.permutation(3_000)],  # the same cells and more
+        "other.h5ad": np.array([f"GGGT{i:05d}-1" for i in range(1_000)]),
+    }
+    held = splits.holdout_cells(
+        "ds",
+        files,
+        [["filtered.h5ad", "raw.h5ad"]],
+        seed=3,
+        val_fraction=0.2,
+        max_cells_per_file=100,
+    )
+    in_val = {f: set(files[f][held[f]]) for f in files}
+    train = {f: set(files[f]) - in_val[f] for f in files}
+    # No cell is in validation through one file and in training through the other.
+    assert not in_val["filtered.h5ad"] & train["raw.h5ad"]
+    assert not in_val["raw.h5ad"] & train["filtered.h5ad"]
+    assert in_val["filtered.h5ad"] <= in_val["raw.h5ad"]
+    assert len(in_val["raw.h5ad"]) == 200  # the group's cap: two files' worth
+    assert len(in_val["other.h5ad"]) == 100
 
 
 # --- config -----------------------------------------------------------------------------

@@ -17,9 +17,6 @@ from scipy import stats
 from cellfoundry.discretize import (
     TIE_BREAKS,
     _quantile_edges,
-    bin_center,
-    log2_bins,
-    median_from_histogram,
     qc_metrics,
     qc_metrics_csr,
     quantile_bins,
@@ -30,6 +27,7 @@ from cellfoundry.discretize import (
     rank_order_reference,
     tie_uniforms,
 )
+from cellfoundry.gene_stats import RESOLUTION
 from cellfoundry.seeds import derive_seed
 
 SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
@@ -494,7 +492,7 @@ def assert_same_ranks(got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray
 def assert_rank_order_definition(
     X: sp.csr_matrix,
     total_counts: np.ndarray,
-    gene_scale: np.ndarray,
+    gene_median: np.ndarray,
     max_len: int,
     ranked: tuple[np.ndarray, np.ndarray],
 ) -> None:
@@ -502,7 +500,10 @@ def assert_rank_order_definition(
     out_indptr, out_indices = ranked
     for cell in range(X.shape[0]):
         row = X[cell]
-        values = row.data.astype(np.float64) / total_counts[cell] * 10_000 * gene_scale[row.indices]
+        median = gene_median[row.indices]
+        with np.errstate(divide="ignore"):
+            values = row.data.astype(np.float64) / total_counts[cell] * 10_000 / median
+        values[~(median > 0)] = 0.0
         expressed = row.indices[values > 0]
         genes = out_indices[out_indptr[cell] : out_indptr[cell + 1]]
         assert len(genes) == min(len(expressed), max_len)
@@ -518,40 +519,43 @@ def assert_rank_order_definition(
             assert max(dropped) <= ranked_values[-1]
 
 
-def gene_scales(n_genes: int, kind: str, seed: int) -> np.ndarray:
+def gene_medians(n_genes: int, kind: str, seed: int) -> np.ndarray:
+    """Per-gene non-zero medians of normalized counts; 0: outside the vocabulary."""
     rng = np.random.default_rng(seed)
-    if kind == "ones":  # no scaling: values tie whenever counts do
-        scale = np.ones(n_genes)
-    elif kind == "histogram":  # 1 / bin centers, as the corpus medians give: many exact ties
-        scale = 1 / bin_center(rng.integers(-200, 400, size=n_genes))
+    if kind == "ones":  # every median 1: values tie whenever counts do
+        median = np.ones(n_genes)
+    elif kind == "histogram":  # on a log2 grid (gene_stats.RESOLUTION bins per octave): many ties
+        median = np.exp2((rng.integers(-200, 400, size=n_genes) * 4 + 0.5) / RESOLUTION)
     elif kind == "lognormal":
-        scale = 1 / rng.lognormal(0.0, 1.0, size=n_genes)
+        median = rng.lognormal(0.0, 1.0, size=n_genes)
     else:  # values a hair apart: long runs the radix window cannot separate
-        scale = 1 + rng.permutation(n_genes) * 1e-13
-    scale[rng.random(n_genes) < 0.1] = 0.0  # genes outside the vocabulary
-    return scale
+        median = 1 / (1 + rng.permutation(n_genes) * 1e-13)
+    median[rng.random(n_genes) < 0.1] = 0.0  # genes outside the vocabulary
+    return median
 
 
-@pytest.mark.parametrize("scale_kind", ["ones", "histogram", "lognormal", "near_ties"])
+@pytest.mark.parametrize("median_kind", ["ones", "histogram", "lognormal", "near_ties"])
 @pytest.mark.parametrize("max_len", [0, 1, 17, 150, 2048])
-def test_rank_order_equals_reference(scale_kind: str, max_len: int) -> None:
+def test_rank_order_equals_reference(median_kind: str, max_len: int) -> None:
     # density 0.5 of 600 genes: ~300 genes per cell, past the comparison-sort cutoff; the
     # sparse cells stay below it.
     X = random_counts(120, 600, density=0.5, mean=4.0, seed=7)
     X = sp.vstack([X, random_counts(40, 600, density=0.05, mean=4.0, seed=8)]).tocsr()
     total = qc_metrics(X, np.zeros(X.shape[1], dtype=bool)).total_counts
-    scale = gene_scales(X.shape[1], scale_kind, seed=max_len)
-    got = rank_order(X.indptr, X.indices, X.data, total, scale, max_len)
+    median = gene_medians(X.shape[1], median_kind, seed=max_len)
+    got = rank_order(X.indptr, X.indices, X.data, total, median, max_len)
     assert got[1].dtype == np.int32
-    assert_same_ranks(got, rank_order_reference(X.indptr, X.indices, X.data, total, scale, max_len))
     assert_same_ranks(
-        got, rank_order(X.indptr, X.indices, X.data, total, scale, max_len, parallel=True)
+        got, rank_order_reference(X.indptr, X.indices, X.data, total, median, max_len)
     )
-    assert_rank_order_definition(X, total, scale, max_len, got)
+    assert_same_ranks(
+        got, rank_order(X.indptr, X.indices, X.data, total, median, max_len, parallel=True)
+    )
+    assert_rank_order_definition(X, total, median, max_len, got)
 
 
-@pytest.mark.parametrize("scale_kind", ["ones", "near_ties"])
-def test_rank_order_breaks_ties_by_gene_even_with_unsorted_indices(scale_kind: str) -> None:
+@pytest.mark.parametrize("median_kind", ["ones", "near_ties"])
+def test_rank_order_breaks_ties_by_gene_even_with_unsorted_indices(median_kind: str) -> None:
     X = random_counts(60, 400, density=0.6, mean=2.0, seed=11)
     rng = np.random.default_rng(11)
     shuffled = X.copy()
@@ -562,27 +566,27 @@ def test_rank_order_breaks_ties_by_gene_even_with_unsorted_indices(scale_kind: s
         shuffled.data[start:end] = X.data[order]
     shuffled.has_sorted_indices = False
     total = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-    scale = gene_scales(X.shape[1], scale_kind, seed=3)
-    got = rank_order(shuffled.indptr, shuffled.indices, shuffled.data, total, scale, 100)
-    assert_same_ranks(got, rank_order(X.indptr, X.indices, X.data, total, scale, 100))
+    median = gene_medians(X.shape[1], median_kind, seed=3)
+    got = rank_order(shuffled.indptr, shuffled.indices, shuffled.data, total, median, 100)
+    assert_same_ranks(got, rank_order(X.indptr, X.indices, X.data, total, median, 100))
     assert_same_ranks(
         got,
-        rank_order_reference(shuffled.indptr, shuffled.indices, shuffled.data, total, scale, 100),
+        rank_order_reference(shuffled.indptr, shuffled.indices, shuffled.data, total, median, 100),
     )
 
 
 def test_kernels_accept_other_index_and_count_dtypes(counts: sp.csr_matrix) -> None:
     indptr, indices, data = counts.indptr, counts.indices, counts.data
     total = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    scale = gene_scales(counts.shape[1], "histogram", seed=5)
+    median = gene_medians(counts.shape[1], "histogram", seed=5)
     mito_mask = np.arange(counts.shape[1]) < 20
     for other in (
         (indptr.astype(np.int64), indices.astype(np.int64), data.astype(np.float32)),
         (indptr.astype(np.int32), indices.astype(np.int32), data.astype(np.uint16)),
     ):
         assert_same_ranks(
-            rank_order(*other, total, scale, 40),
-            rank_order(indptr, indices, data, total, scale, 40),
+            rank_order(*other, total, median, 40),
+            rank_order(indptr, indices, data, total, median, 40),
         )
         np.testing.assert_array_equal(
             quantile_bins_csr(other[0], other[2], 51, seed=1),
@@ -599,11 +603,11 @@ def test_kernels_accept_other_index_and_count_dtypes(counts: sp.csr_matrix) -> N
 def test_rank_order_on_a_gathered_batch_equals_rows_of_the_whole() -> None:
     X = random_counts(1000, 800, density=0.3, mean=4.0, seed=12)
     total = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-    scale = gene_scales(X.shape[1], "histogram", seed=12)
-    whole_indptr, whole = rank_order(X.indptr, X.indices, X.data, total, scale, 64)
+    median = gene_medians(X.shape[1], "histogram", seed=12)
+    whole_indptr, whole = rank_order(X.indptr, X.indices, X.data, total, median, 64)
     batch = np.sort(np.random.default_rng(12).choice(X.shape[0], size=256, replace=False))
     B = X[batch]
-    indptr, indices = rank_order(B.indptr, B.indices, B.data, total[batch], scale, 64)
+    indptr, indices = rank_order(B.indptr, B.indices, B.data, total[batch], median, 64)
     for i, cell in enumerate(batch):
         np.testing.assert_array_equal(
             indices[indptr[i] : indptr[i + 1]], whole[whole_indptr[cell] : whole_indptr[cell + 1]]
@@ -614,11 +618,11 @@ def test_rank_order_runs_concurrently_in_threads() -> None:
     # Loader threads call the serial kernel at once; it releases the GIL and shares no state.
     X = random_counts(400, 800, density=0.3, mean=4.0, seed=13)
     total = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-    scale = gene_scales(X.shape[1], "histogram", seed=13)
+    median = gene_medians(X.shape[1], "histogram", seed=13)
     batches = [X[lo : lo + 50] for lo in range(0, X.shape[0], 50)]
 
     def rank(B: sp.csr_matrix, lo: int) -> tuple[np.ndarray, np.ndarray]:
-        return rank_order(B.indptr, B.indices, B.data, total[lo : lo + 50], scale, 100)
+        return rank_order(B.indptr, B.indices, B.data, total[lo : lo + 50], median, 100)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         threaded = list(pool.map(rank, batches, range(0, X.shape[0], 50)))
@@ -628,21 +632,21 @@ def test_rank_order_runs_concurrently_in_threads() -> None:
         assert_same_ranks(got, rank(B, lo))
 
 
-def test_rank_order_drops_unscaled_genes_and_handles_empty_rows() -> None:
+def test_rank_order_drops_genes_without_median_and_handles_empty_rows() -> None:
     X = sp.csr_matrix(np.array([[0, 0, 0, 0], [5, 1, 0, 5], [0, 0, 2, 0], [3, 3, 3, 3]]))
-    scale = np.array([1.0, 1.0, 0.0, 1.0])
-    indptr, indices = rank_order_matrix(X, scale, 10)
+    median = np.array([1.0, 1.0, 0.0, 1.0])
+    indptr, indices = rank_order_matrix(X, median, 10)
     cells = [indices[indptr[c] : indptr[c + 1]].tolist() for c in range(X.shape[0])]
-    # Written out from the definition: descending value, ties by gene, scale-0 gene 2 dropped.
+    # Written out from the definition: descending value, ties by gene, gene 2 (median 0) dropped.
     assert cells == [[], [0, 3, 1], [], [0, 1, 3]]
 
 
 def test_rank_order_matrix_normalizes_by_row_sums(counts: sp.csr_matrix) -> None:
-    scale = gene_scales(counts.shape[1], "lognormal", seed=4)
+    median = gene_medians(counts.shape[1], "lognormal", seed=4)
     total = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     assert_same_ranks(
-        rank_order_matrix(counts, scale, 50),
-        rank_order(counts.indptr, counts.indices, counts.data, total, scale, 50),
+        rank_order_matrix(counts, median, 50),
+        rank_order(counts.indptr, counts.indices, counts.data, total, median, 50),
     )
 
 
@@ -655,55 +659,9 @@ def test_rank_order_rejects_out_of_range_genes(counts: sp.csr_matrix) -> None:
 def test_rank_order_equals_reference_on_mouse_e18(mouse_e18: ad.AnnData) -> None:
     X = sp.csr_matrix(mouse_e18.X)
     total = qc_metrics(X, np.zeros(X.shape[1], dtype=bool)).total_counts
-    scale = gene_scales(X.shape[1], "histogram", seed=0)
+    median = gene_medians(X.shape[1], "histogram", seed=0)
     for max_len in (20, 2048):
         assert_same_ranks(
-            rank_order(X.indptr, X.indices, X.data, total, scale, max_len),
-            rank_order_reference(X.indptr, X.indices, X.data, total, scale, max_len),
+            rank_order(X.indptr, X.indices, X.data, total, median, max_len),
+            rank_order_reference(X.indptr, X.indices, X.data, total, median, max_len),
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Log2 histograms and medians
-# --------------------------------------------------------------------------------------------
-
-
-def histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.unique(log2_bins(values), return_counts=True)
-
-
-@pytest.mark.parametrize("n", [1, 2, 1001, 5000])
-def test_median_of_merged_halves_equals_median_of_whole(n: int) -> None:
-    values = np.random.default_rng(n).lognormal(1.0, 2.0, size=n)
-    first, second = histogram(values[: n // 2]), histogram(values[n // 2 :])
-    whole = histogram(values)
-    merged_bins = np.concatenate([first[0], second[0]])
-    merged_counts = np.concatenate([first[1], second[1]])
-    summed = np.zeros(whole[0].max() - whole[0].min() + 1, dtype=np.int64)
-    np.add.at(summed, merged_bins - whole[0].min(), merged_counts)
-    np.testing.assert_array_equal(summed[whole[0] - whole[0].min()], whole[1])
-    assert median_from_histogram(merged_bins, merged_counts) == median_from_histogram(*whole)
-
-
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("n", [999, 1000, 20_000])
-def test_median_from_histogram_is_within_one_bin_of_numpy(seed: int, n: int) -> None:
-    values = np.random.default_rng(seed).lognormal(seed - 2.0, 1.5, size=n)
-    estimate = median_from_histogram(*histogram(values))
-    assert abs(np.log2(estimate) - np.log2(np.median(values))) <= 1 / 64
-
-
-def test_median_from_histogram_takes_the_lower_middle_value_for_even_totals() -> None:
-    low, high = log2_bins(np.array([1.0, 8.0]))
-    assert median_from_histogram(np.array([high, low]), np.array([2, 2])) == bin_center(low)
-    assert median_from_histogram(np.array([high, low]), np.array([3, 2])) == bin_center(high)
-    assert np.isnan(median_from_histogram(np.array([low]), np.array([0])))
-    with pytest.raises(ValueError, match="non-negative"):
-        median_from_histogram(np.array([low]), np.array([-1]))
-
-
-def test_bin_center_lies_inside_its_bin() -> None:
-    bins = np.arange(-2000, 2000, dtype=np.int32)
-    np.testing.assert_array_equal(log2_bins(bin_center(bins)), bins)
-    with pytest.raises(ValueError, match="positive"):
-        log2_bins(np.array([1.0, 0.0]))

@@ -1104,7 +1104,7 @@ def rank_order_matrix(
     X
         Raw counts, cells x genes, CSR.
     gene_median
-        Per-gene factor, 1 / non-zero median; 0 excludes the gene.
+        Per-gene non-zero median of normalized counts; 0 excludes the gene.
     max_len
         Maximum number of genes kept per cell.
     total_counts

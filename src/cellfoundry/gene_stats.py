@@ -15,14 +15,15 @@ dataset and one per species add them up:
   1. up to `exact_max_cells` cells (default 1,000): the values themselves (`values`): the
      median of a rarely seen gene is exact;
   2. up to `quantized_max_cells` (default 10,000): each value as its bin on a log2 grid of
-     4,096 bins per octave (`codes`, 0.017% wide: the median is within 0.01%);
+     `CODE_RESOLUTION` = 2,048 bins per octave (`codes`, 0.034% wide: the median, a bin's
+     centre, is within 0.017%);
   3. beyond: a histogram on a grid of `RESOLUTION` = 256 bins per octave (`hist_start`: first
      bin, `hist`: counts of consecutive bins); with this many cells the median's bin holds
      enough values that placing them evenly by rank keeps the estimate within 0.1%.
 
 Memory is bounded per gene (8 KB of values, 40 KB of codes, or one histogram over the gene's
 range), whatever the number of cells and datasets; the statistics add exactly across files
-(codes and histogram counts are integers; a tier-3 bin is a tier-2 code divided by 16), and
+(codes and histogram counts are integers; a tier-3 bin is a tier-2 code divided by 8), and
 the merged result depends only on the set of inputs: merges visit them in a fixed order (sorted
 by name). Geneformer merged t-digests of its corpus (Theodoris et al. 2023); the tiers give
 exact medians for rare genes and bounded error for the others (`tests/test_gene_stats.py`).

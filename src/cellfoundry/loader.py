@@ -109,6 +109,8 @@ def map_npy(path: str | Path) -> np.ndarray:
     buffer = (ctypes.c_uint8 * size).from_address(address)
     weakref.finalize(buffer, _libc.munmap, address, size)
     raw = np.frombuffer(buffer, dtype=np.uint8, count=nbytes, offset=offset)
+    # The pages are mapped PROT_READ: a write through a writeable array would crash the process.
+    raw.flags.writeable = False
     return raw.view(dtype).reshape(shape)
 
 

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import platform
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -39,7 +40,13 @@ from cellfoundry.errors import DatasetError
 from cellfoundry.formats import PREPROCESS as FORMAT_VERSION
 from cellfoundry.gene_stats import EXACT_MAX_CELLS, GeneStatsAccumulator, merge_gene_stats
 from cellfoundry.io import atomic_outputs, blake3, read_json, write_json
-from cellfoundry.readers import GENE_EXPRESSION, CellReader, CscTooLarge, open_source
+from cellfoundry.readers import (
+    GENE_EXPRESSION,
+    CellReader,
+    CscTooLarge,
+    MtxUnordered,
+    open_source,
+)
 from cellfoundry.reference import (
     ENSEMBL_ID,
     NCBI_TAXON,
@@ -487,10 +494,7 @@ def find_counts(reader: CellReader, where: str, dataset: str, path: Path, block_
     for candidate in candidates:
         if candidate not in present:
             continue
-        try:
-            _, block = next(reader.blocks(candidate, min(block_cells, 1024)))
-        except CscTooLarge as error:
-            raise DatasetError(dataset, path, str(error)) from error
+        _, block = next(_blocks(reader, candidate, min(block_cells, 1024), dataset, path))
         problem = check_counts(block, 0, reader, candidate)[1]
         if problem is None:
             return candidate
@@ -706,7 +710,10 @@ def barcode_sketch(names: pd.Index, k: int = 256) -> list[int]:
     """The `k` smallest 64-bit hashes of a file's cell names (a bottom-k MinHash sketch).
 
     Two files' sketches estimate how many cell barcodes they share (a Cell Ranger filtered and
-    raw matrix, or one sample twice) without keeping the barcodes.
+    raw matrix, or one sample twice) without keeping the barcodes. Files sketch the cells they
+    keep (the names their shards and the default split use): a raw matrix's hundreds of
+    thousands of empty droplets would leave almost none of a filtered matrix's barcodes among
+    the union's k smallest hashes.
     """
     hashes = pd.util.hash_array(np.asarray(names.astype(str), dtype=object))
     hashes = np.unique(hashes)
@@ -870,7 +877,7 @@ def preprocess_file(
             ),
             "nnz": info["nnz"],
             "warnings": warnings,
-            "barcode_sketch": barcode_sketch(reader.obs.index),
+            "barcode_sketch": barcode_sketch(obs.index),
             "inputs": _input_checksums(source),
             "h5ad_blake3": blake3(h5ad_path),
             "settings": asdict(settings),
@@ -898,9 +905,10 @@ def _blocks(
 ) -> Iterator[tuple[int, sp.csr_matrix]]:
     try:
         yield from reader.blocks(location, block_cells)
-    except CscTooLarge as error:
+    except (CscTooLarge, MtxUnordered) as error:
         raise DatasetError(dataset, path, str(error)) from error
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zlib.error) as error:
+        # EOFError, zlib.error: a truncated or corrupt gzipped MTX file
         raise DatasetError(
             dataset, path, f"cannot be read (truncated or not a valid file?): {error}"
         ) from error
@@ -1091,12 +1099,16 @@ def aggregate_dataset(
         sorted(file_stats, key=lambda p: p.name), exact_max_cells=exact_max_cells
     )
     qc["genes_out"] = int(stats.height)
-    with atomic_outputs(outputs.gene_stats, outputs.qc, outputs.qc_plot, outputs.provenance) as (
-        stats_path,
-        qc_path,
-        plot_path,
-        provenance_path,
-    ):
+    with atomic_outputs(
+        outputs.gene_stats,
+        outputs.qc,
+        outputs.qc_plot,
+        outputs.provenance,
+        outputs.shard_manifest,
+    ) as (stats_path, qc_path, plot_path, provenance_path, manifest_path):
+        # First: it refuses shards of another format or number of bins, and then nothing of
+        # the dataset's outputs may be left.
+        write_dataset_manifest(dataset, species, shards, manifest_path)
         stats.write_parquet(stats_path, statistics=False)
         write_json(qc_path, qc)
         from cellfoundry.plots import plot_qc
@@ -1130,14 +1142,13 @@ def aggregate_dataset(
                 "versions": software_versions(),
             },
         )
-    write_dataset_manifest(dataset, species, shards, outputs.shard_manifest)
     return qc
 
 
 def shared_barcodes(records: list[dict[str, Any]], *, threshold: float = 0.5) -> list[list[str]]:
     """Groups of files that share most of their cell barcodes (estimated from their sketches).
 
-    Two files are grouped when the estimated share of the smaller file's barcodes also found
+    Two files are grouped when the estimated share of the smaller file's kept cells also found
     in the other is at least `threshold`: the same cells read twice must never be split
     between training and validation.
     """
@@ -1151,7 +1162,7 @@ def shared_barcodes(records: list[dict[str, Any]], *, threshold: float = 0.5) ->
         return i
 
     sketches = [np.asarray(r["barcode_sketch"], dtype=np.uint64) for r in records]
-    sizes = [r["cells_in"] for r in records]
+    sizes = [r["cells_kept"] for r in records]
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             if containment(sketches[i], sketches[j], sizes[i], sizes[j]) >= threshold:

@@ -8,7 +8,7 @@ whatever the file's size (per-cell annotations are held: a few bytes per cell an
 
 | format | matrices | how blocks of cells are read |
 |---|---|---|
-| h5ad (also `.h5ad.gz`, decompressed to a temporary file) | `X`, `raw.X`, `layers/*` | CSR: `anndata.io.sparse_dataset` row slices; dense: h5py row slices; CSC: read whole up to `CSC_IN_MEMORY_NNZ` non-zeros, refused beyond |
+| h5ad (also `.h5ad.gz`, decompressed to a temporary file) | `X`, `raw.X`, `layers/*` | CSR: h5py row slices of `indptr`/`indices`/`data`; dense: h5py row slices; CSC: read whole up to `CSC_IN_MEMORY_NNZ` non-zeros, refused beyond |
 | 10x HDF5, Cell Ranger 3+ (`/matrix`) and 2 (`/<genome>`) | `X` | cells are the columns of a CSC matrix, contiguous per cell: slices of `data`/`indices` |
 | loom | `X` (`/matrix`), `layers/*` | genes x cells, chunked: column slices of `cells` |
 | 10x MTX folder (Cell Ranger 2 `genes.tsv` and 3+ `features.tsv`) | `X` | small files: `scanpy.read_10x_mtx`; larger: the coordinate lines in order of cells |
@@ -25,6 +25,7 @@ import gzip
 import shutil
 import tempfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from cellfoundry.sources import SourceFile
 CSC_IN_MEMORY_NNZ = 1 << 24
 # An MTX file of up to this many entries is read whole by scanpy; larger ones are streamed.
 MTX_IN_MEMORY_NNZ = 1 << 24
+# Larger MTX files are parsed this many coordinate lines at a time.
+MTX_CHUNK_LINES = 1 << 20
 # Dense matrices (loom, dense h5ad X) are read in blocks of at most this many bytes.
 DENSE_BLOCK_BYTES = 64 << 20
 GENE_EXPRESSION = "Gene Expression"
@@ -105,7 +108,16 @@ def open_source(dataset: str, source: SourceFile) -> Iterator[CellReader]:
                 reader = _open(source, stack)
         except DatasetError:
             raise
-        except (OSError, KeyError, ValueError, TypeError, IndexError) as error:
+        except (
+            OSError,
+            KeyError,
+            ValueError,
+            TypeError,
+            IndexError,
+            EOFError,
+            zlib.error,
+        ) as error:
+            # EOFError, zlib.error: a truncated or corrupt `.h5ad.gz`
             raise DatasetError(
                 dataset,
                 source.path,
@@ -226,11 +238,18 @@ class H5adReader(CellReader):
         if kind == "csc":
             yield from self._csc_blocks(location, element, block_cells)
             return
-        from anndata.io import sparse_dataset
-
-        matrix = sparse_dataset(element)
+        # Row slices of anndata's CSR encoding read with h5py, as `sparse_dataset` does: its
+        # `__getitem__` looks up scipy's version (importlib.metadata) on every call, ~15 ms,
+        # which dominated small blocks.
+        indptr, data, indices = element["indptr"], element["data"], element["indices"]
         for start in range(0, n_obs, block_cells):
-            yield start, _csr_block(matrix[start : min(start + block_cells, n_obs)])
+            stop = min(start + block_cells, n_obs)
+            offsets = indptr[start : stop + 1].astype(np.int64)
+            lo, hi = int(offsets[0]), int(offsets[-1])
+            block = sp.csr_matrix(
+                (data[lo:hi], indices[lo:hi], offsets - lo), shape=(stop - start, n_vars)
+            )
+            yield start, _csr_block(block)
 
     def stored_entries(self, location: str) -> int:
         element = self._matrices[location]
@@ -273,6 +292,10 @@ class CscTooLarge(ValueError):
             "too large to read whole; convert it once to CSR, e.g. "
             "`adata = anndata.read_h5ad(path); adata.X = adata.X.tocsr(); adata.write_h5ad(out)`"
         )
+
+
+class MtxUnordered(ValueError):
+    """A large MTX file whose entries are not in order of cells (raised while reading blocks)."""
 
 
 def _shape(element: Any) -> tuple[int, int]:
@@ -363,16 +386,21 @@ class TenxH5Reader(CellReader):
         return sum(int(group["data"].shape[0]) for group in self._groups)
 
     def blocks(self, location: str, block_cells: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        # Datasets opened once: each opening starts an empty chunk cache, and consecutive small
+        # blocks would decompress the same chunks again.
+        arrays = [(group["data"], group["indices"]) for group in self._groups]
         for start in range(0, self.n_obs, block_cells):
             stop = min(start + block_cells, self.n_obs)
             parts = []
-            for group, indptr, width in zip(self._groups, self._indptr, self._widths, strict=True):
+            for (data, indices), indptr, width in zip(
+                arrays, self._indptr, self._widths, strict=True
+            ):
                 lo, hi = int(indptr[start]), int(indptr[stop])
                 parts.append(
                     sp.csr_matrix(
                         (
-                            group["data"][lo:hi],
-                            group["indices"][lo:hi],
+                            data[lo:hi],
+                            indices[lo:hi],
                             indptr[start : stop + 1] - lo,
                         ),
                         shape=(stop - start, width),
@@ -400,7 +428,10 @@ class LoomReader(CellReader):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.file = h5py.File(path, "r")
+        # A chunk cache that holds a column of chunks (all genes x the chunk's width; loompy
+        # writes 64 x 64): blocks narrower than a chunk then decompress each chunk once, not
+        # once per block (HDF5's default 1 MiB cache made a one-cell block cost ~50 ms).
+        self.file = h5py.File(path, "r", rdcc_nbytes=DENSE_BLOCK_BYTES, rdcc_nslots=100_003)
         matrix = self.file["matrix"]
         n_genes, self.n_obs = (int(n) for n in matrix.shape)
         var = _attrs_frame(self.file.get("row_attrs"), n_genes)
@@ -512,7 +543,10 @@ class MtxReader(CellReader):
     def _read_whole(self) -> sp.csr_matrix:
         import scanpy as sc
 
-        if not self.transposed and "feature_types" in self._var:
+        # scanpy reads Cell Ranger 3+ folders only gzipped, as Cell Ranger writes them; plain
+        # ones (and Cell Ranger 2, transposed GEO files) are read by scipy.
+        gzipped = self.matrix_path.name.endswith(".gz")
+        if not self.transposed and "feature_types" in self._var and gzipped:
             adata = sc.read_10x_mtx(
                 self.path, var_names="gene_ids", gex_only=False, make_unique=False
             )
@@ -536,14 +570,14 @@ class MtxReader(CellReader):
             skiprows=self._header_lines,
             names=["a", "b", "v"],
             dtype={"a": np.int64, "b": np.int64, "v": np.float64},
-            chunksize=1 << 20,
+            chunksize=MTX_CHUNK_LINES,
             engine="c",
         )
         for chunk in reader:
             values = chunk.to_numpy()
             cells = values[:, cell_col].astype(np.int64) - 1
             if np.any(np.diff(cells) < 0) or (len(cells) and cells[0] < last_cell):
-                raise ValueError(
+                raise MtxUnordered(
                     f"matrix.mtx holds {self.nnz:,} entries not ordered by cell; files above "
                     f"{MTX_IN_MEMORY_NNZ:,} entries are read in order of cells: sort the entries "
                     "by barcode or convert the folder to h5ad"

@@ -24,7 +24,7 @@ from cellfoundry.gene_stats import (
     summarize,
     with_imported_medians,
 )
-from cellfoundry.shards import write_dataset_shards
+from cellfoundry.shards import write_shard
 
 # Six real human genes (GENCODE IDs): TP53, ACTB, GAPDH, CD3D, CD79A, PPBP.
 G1, G2, G3, G4, G5, G6 = (
@@ -190,9 +190,12 @@ def test_imported_medians_reproduce_geneformers_token_order_by_hand(tmp_path, hu
     )
     n_counts = COUNTS.sum(axis=1).astype(np.float64)
     adata.obs["total_counts"] = n_counts
-    (tmp_path / "h5ads").mkdir()
-    adata.write_h5ad(tmp_path / "h5ads" / "cells.h5ad")
-    write_dataset_shards("ds", "hsapiens", tmp_path / "h5ads", tmp_path / "shards", n_bins=11)
+    write_shard(
+        adata,
+        tmp_path / "shards" / "cells",
+        n_bins=11,
+        meta={"dataset": "ds", "species": "hsapiens", "file": "cells.h5ad"},
+    )
 
     token_dict, median_dict = geneformer_layout(TOKENS, MEDIANS)
     tokens_pkl = write(tmp_path / "token_dictionary_gc30M.pkl", numpy1_pickle(token_dict))
@@ -210,6 +213,8 @@ def test_imported_medians_reproduce_geneformers_token_order_by_hand(tmp_path, hu
                 "hsapiens",
                 "--inputs",
                 str(tmp_path / "ds.parquet"),
+                "--exact-max-cells",
+                "1000",
                 "--out",
                 str(tmp_path / "hsapiens.parquet"),
                 "--summary",
@@ -262,6 +267,8 @@ def test_gene_stats_command_refuses_an_unsafe_median_file(tmp_path, make_adata, 
             "hsapiens",
             "--inputs",
             str(tmp_path / "ds.parquet"),
+            "--exact-max-cells",
+            "1000",
             "--out",
             str(tmp_path / "out.parquet"),
             "--summary",

@@ -26,7 +26,7 @@ from cellfoundry.preprocess import (
     _collapse,
     aggregate_dataset,
     find_counts,
-    map_genes,
+    map_columns,
 )
 from cellfoundry.readers import open_source
 from cellfoundry.sources import SourceFile, dataset_sources
@@ -119,7 +119,7 @@ def test_near_integers_are_rounded_with_a_warning(make_adata, human, tmp_path, c
 
 def test_map_ids_strips_versions_and_drops_unknown(human):
     ids = np.array(["ENSG00000141510.18", "ENSG00000000003", "ENSG99999999999", "ERCC-00002"])
-    mapping = map_genes([("var_names", ids)], human)
+    mapping = map_columns([("var_names", ids)], human)
     assert mapping.kind == "ensembl_id"
     assert list(mapping.gene_ids) == ["ENSG00000141510", "ENSG00000000003", None, None]
     assert mapping.matches == {"exact": 2, "unmapped": 2}
@@ -127,7 +127,7 @@ def test_map_ids_strips_versions_and_drops_unknown(human):
 
 def test_map_symbols_resolves_made_unique_duplicates(human):
     symbols = np.array(["TP53", "TSPAN6", "TSPAN6-1", "NOT_A_GENE", "mt-co1"])
-    mapping = map_genes([("var_names", symbols)], human)
+    mapping = map_columns([("var_names", symbols)], human)
     assert mapping.kind == "symbol"
     assert mapping.gene_ids[0] == "ENSG00000141510"
     assert mapping.gene_ids[1] == mapping.gene_ids[2] == "ENSG00000000003"

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 
 # Tier 3 histogram resolution (bins per octave) and tier 2 code resolution (a multiple of it).
 RESOLUTION = 256
@@ -632,6 +633,25 @@ class GeneStatsAccumulator:
             }
         )
         return frame.cast(SCHEMA)
+
+
+def compute_gene_stats(
+    X: sp.csr_matrix,
+    gene_ids: Sequence[str] | np.ndarray,
+    total_counts: np.ndarray,
+    *,
+    target_sum: float = 10_000.0,
+    exact_max_cells: int = EXACT_MAX_CELLS,
+) -> pl.DataFrame:
+    """Statistics (`SCHEMA`) of a count matrix in memory (cells x genes, CSR, raw counts) whose
+    columns are `gene_ids`, normalized by each cell's `total_counts`. Files are streamed
+    through `GeneStatsAccumulator` instead."""
+    X = sp.csr_matrix(X)
+    accumulator = GeneStatsAccumulator(
+        X.shape[1], target_sum=target_sum, exact_max_cells=exact_max_cells
+    )
+    accumulator.add_cells(X.indptr, X.indices, X.data, np.asarray(total_counts, dtype=np.float64))
+    return accumulator.table(gene_ids)
 
 
 def _list_series(flat: np.ndarray, offsets: np.ndarray, dtype: pl.DataType) -> pl.Series:

@@ -240,6 +240,12 @@ class GeneMapping:
     kind: Literal["ensembl_id", "symbol"]
     matches: dict[str, int]
     release: str | None = None
+    how: tuple[str, ...] = ()  # per feature, for symbols: how it matched
+
+    @property
+    def symbol_matches(self) -> dict[str, int]:
+        """How many symbols matched (or failed) each way."""
+        return self.matches if self.kind == "symbol" else {}
 
     @property
     def n_mapped(self) -> int:
@@ -260,8 +266,21 @@ class GeneMapping:
         return sum(self.matches.get(how, 0) for how in ("exact", "previous", "synonym"))
 
 
-def map_genes(columns: list[tuple[str, np.ndarray]], reference: GeneReference) -> GeneMapping:
-    """Map features to the reference's Ensembl IDs.
+def map_genes(var: pd.DataFrame, reference: GeneReference, where: str = "auto") -> GeneMapping:
+    """Map a file's features (`var`) to the reference's Ensembl IDs, from the column `where`
+    names (`auto`, `var_names` or `var/<column>`, config `preprocess.genes`); see
+    `map_columns`.
+
+    Raises
+    ------
+    KeyError
+        When `where` names a column `var` does not have.
+    """
+    return map_columns(_gene_columns(var, where), reference)
+
+
+def map_columns(columns: list[tuple[str, np.ndarray]], reference: GeneReference) -> GeneMapping:
+    """Map features to the reference's Ensembl IDs, from candidate (name, values) columns.
 
     A column where at least half the values look like Ensembl IDs is used as IDs (version
     suffixes dropped); otherwise the symbol column that maps best is mapped through current
@@ -285,6 +304,7 @@ def map_genes(columns: list[tuple[str, np.ndarray]], reference: GeneReference) -
             "symbol",
             dict(sorted(Counter(found.how).items())),
             found.release,
+            tuple(found.how),
         )
         if best is None or mapping.n_mapped > best.n_mapped:
             best = mapping
@@ -371,14 +391,14 @@ def plan_features(
         for genome in sorted(set(genomes[role == 0])):
             rows = (genomes == genome) & (role == 0)
             sub = [(c, _strip_genome_prefix(v[rows], genomes[rows])) for c, v in columns]
-            scores[genome] = map_genes(sub, reference).n_mapped
+            scores[genome] = map_columns(sub, reference).n_mapped
         keep = max(scores, key=lambda g: (scores[g], g))
         for genome in sorted(scores):
             if genome != keep:
                 leave_out(genomes == genome, f"genome {genome}")
     counted = role == 0
     columns = [(c, _strip_genome_prefix(v, genomes)) for c, v in columns]
-    mapping = map_genes([(c, v[counted]) for c, v in columns], reference)
+    mapping = map_columns([(c, v[counted]) for c, v in columns], reference)
     n_counted = int(counted.sum())
     mapped_column = dict(columns).get(mapping.column, names)[counted]
     if mapping.rate < settings.min_mapping_rate:

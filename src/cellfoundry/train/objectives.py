@@ -1,7 +1,7 @@
 """Training objectives: how a batch of cells becomes model inputs (`collate`) and a loss (`loss`).
 
 Each objective pairs a tokenization of one family of the field (`notes/formats.md` section 3)
-with the loss math of `cellfoundry.models.objectives`:
+with the loss math of `cellfoundry.models.losses`:
 
 - `binned_mlm`: scGPT-style gene + value-bin tokens, masked value modeling;
 - `geneformer_mlm`: Geneformer rank-value tokens, masked gene modeling (15%, 80/10/10);
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from cellfoundry.loader import SparseBatch
-from cellfoundry.models import objectives as math
+from cellfoundry.models import losses
 from cellfoundry.models.model import CellModel
 from cellfoundry.train.data import (
     CellNoise,
@@ -108,7 +108,7 @@ class BinnedMLM:
         special = np.zeros(len(tokens), dtype=bool)
         special[cu[:-1]] = True
         if train:
-            inputs, targets, mask = math.mask_values(
+            inputs, targets, mask = losses.mask_values(
                 torch.from_numpy(values),
                 torch.from_numpy(special),
                 mask_ratio=self.mask_ratio,
@@ -128,12 +128,12 @@ class BinnedMLM:
         mask = batch["loss_mask"]
         targets = batch["targets"][mask]
         logits = model.value_head(hidden, mask)
-        loss, accuracy = math.masked_cross_entropy(logits, targets)
+        loss, accuracy = losses.masked_cross_entropy(logits, targets)
         out = {"loss": loss, "accuracy": accuracy, "count": mask.sum()}
         if model.cell_head is not None:
             # scGPT's GEPC: the masked genes' bins again, this time from the cell embedding alone.
             cell = model.pool(hidden, batch)[_cell_of_positions(batch)[mask]]
-            cell_loss, cell_accuracy = math.masked_cross_entropy(
+            cell_loss, cell_accuracy = losses.masked_cross_entropy(
                 model.predict_from_cell(cell, batch["tokens"][mask]), targets
             )
             out |= {
@@ -191,7 +191,7 @@ class GeneformerMLM:
         special = np.zeros(len(tokens), dtype=bool)
         special[cu[:-1]] = True
         if train:
-            inputs, _, mask = math.mask_tokens_bert(
+            inputs, _, mask = losses.mask_tokens_bert(
                 torch.from_numpy(tokens),
                 torch.from_numpy(special),
                 mask_ratio=self.mask_ratio,
@@ -215,7 +215,7 @@ class GeneformerMLM:
         hidden = model.encode(batch)
         mask = batch["loss_mask"]
         logits = model.mlm_head(hidden, mask)
-        loss, accuracy = math.masked_cross_entropy(logits, batch["targets"][mask])
+        loss, accuracy = losses.masked_cross_entropy(logits, batch["targets"][mask])
         return {"loss": loss, "accuracy": accuracy, "count": mask.sum()}
 
 
@@ -287,9 +287,9 @@ class Contrastive:
         )
 
     def loss(self, model: CellModel, batch: dict[str, Any]) -> dict[str, Tensor]:
-        z_a = math.gather_with_grad(model.cell_embedding(batch["a"]))
-        z_b = math.gather_with_grad(model.cell_embedding(batch["b"]))
-        loss = math.clip_loss(z_a, z_b, model.logit_scale)
+        z_a = losses.gather_with_grad(model.cell_embedding(batch["a"]))
+        z_b = losses.gather_with_grad(model.cell_embedding(batch["b"]))
+        loss = losses.clip_loss(z_a, z_b, model.logit_scale)
         with torch.no_grad():
             similarity = (
                 torch.nn.functional.normalize(z_a.float(), dim=-1)
@@ -314,7 +314,7 @@ class Diffusion:
     absorbing state is `n_bins`. A time t is drawn per cell (low-discrepancy over the batch),
     sigma(t) = -log(1 - (1 - eps) t), each position is absorbed with probability
     1 - exp(-sigma), and the loss is SEDD's score entropy on absorbed positions, weighted by
-    dsigma (`cellfoundry.models.objectives.sedd_score_entropy_loss`). Batches hold one dataset,
+    dsigma (`cellfoundry.models.losses.sedd_score_entropy_loss`). Batches hold one dataset,
     hence one panel.
     """
 
@@ -358,12 +358,12 @@ class Diffusion:
         }
         if train:
             # t per cell (not stratified over the batch, which would tie a cell to its batch mates).
-            t = math.sample_diffusion_times(
+            t = losses.sample_diffusion_times(
                 len(batch), eps=self.noise_eps, generator=noise.cells_uniform
             )
-            sigma, dsigma = math.loglinear_noise(t, eps=self.noise_eps)
+            sigma, dsigma = losses.loglinear_noise(t, eps=self.noise_eps)
             noise.for_rows(np.full(len(batch), len(genes)))
-            absorbed = math.absorb(
+            absorbed = losses.absorb(
                 out["values"].reshape(-1),
                 sigma.repeat_interleave(len(genes)),
                 mask_value_id=self.n_bins,
@@ -380,8 +380,8 @@ class Diffusion:
     def loss(self, model: CellModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         condition = model.time_embedding(batch["sigma"])
         output = model.value_head(model.encode(batch, condition=condition))
-        log_score = math.sedd_log_score(output, batch["sigma"])
-        loss = math.sedd_score_entropy_loss(
+        log_score = losses.sedd_log_score(output, batch["sigma"])
+        loss = losses.sedd_score_entropy_loss(
             log_score,
             batch["values"],
             batch["targets"],
@@ -415,13 +415,13 @@ class Diffusion:
         def model_fn(x: Tensor, sigma: Tensor) -> Tensor:
             sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
             batch = {"tokens": tokens, "values": x, "padding_mask": padding}
-            return math.sedd_log_score(
+            return losses.sedd_log_score(
                 model.value_head(model.encode(batch, condition=model.time_embedding(sigma))), sigma
             )
 
         generator = torch.Generator(device=device).manual_seed(seed)
         with torch.inference_mode():
-            cells = math.sample_absorbing(
+            cells = losses.sample_absorbing(
                 model_fn,
                 len(genes),
                 steps,

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -27,7 +28,7 @@ from cellfoundry.train.data import (
 )
 from cellfoundry.train.export import gene_embedding_matrix, load_pretrained
 from cellfoundry.train.run import TrainInputs, build, train
-from cellfoundry.train.system import OptimizerConfig, lr_factor, parameter_groups
+from cellfoundry.train.system import OptimizerConfig, lr_factor, parameter_groups, shared_steps
 from cellfoundry.vocabulary import read_token_mapping
 from conftest import TINY_TRAIN
 
@@ -119,11 +120,28 @@ def test_optimizer_groups_and_schedule(tiny_corpus):
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert any("norm" in n for n in exempt) and any(n.endswith("bias") for n in exempt)
     assert "encoder.embeddings.token_embedding.weight" in exempt
-    config = OptimizerConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
-    assert lr_factor(0, config) == pytest.approx(0.1)
-    assert lr_factor(9, config) == pytest.approx(1.0)
-    assert lr_factor(60, config) == pytest.approx(0.55)
-    assert lr_factor(110, config) == pytest.approx(0.1)
+    cosine = OptimizerConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_factor(0, cosine) == pytest.approx(0.1)
+    assert lr_factor(9, cosine) == pytest.approx(1.0)
+    assert lr_factor(60, cosine) == pytest.approx(0.55)
+    assert lr_factor(110, cosine) == pytest.approx(0.1)
+    # Warmup-stable-decay: a 1-sqrt decay over the last 20% (steps 88..110).
+    wsd = OptimizerConfig(
+        warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2
+    )
+    assert wsd.decay_start == 88
+    assert lr_factor(0, wsd) == pytest.approx(0.1)
+    assert lr_factor(60, wsd) == lr_factor(88, wsd) == pytest.approx(1.0)
+    assert lr_factor(99, wsd) == pytest.approx(0.1 + 0.9 * (1 - 0.5**0.5))
+    assert lr_factor(110, wsd) == pytest.approx(0.1)
+    # A longer wsd run shares every step before the shorter one's decay; cosine only warmup.
+    longer = replace(wsd, max_steps=220)
+    assert shared_steps(wsd, longer) == 88
+    assert all(lr_factor(s, wsd) == lr_factor(s, longer) for s in range(88))
+    assert lr_factor(88 + 5, wsd) != lr_factor(88 + 5, longer)
+    assert shared_steps(cosine, replace(cosine, max_steps=220)) == 10
+    assert shared_steps(wsd, wsd) is None
+    assert shared_steps(wsd, replace(wsd, lr=0.5)) == 0
 
 
 def test_gene_embeddings_land_on_their_tokens(tiny_corpus):

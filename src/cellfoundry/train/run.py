@@ -22,8 +22,10 @@ import lightning as L
 import numpy as np
 import polars as pl
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from cellfoundry.errors import CellfoundryError, ConfigError
 from cellfoundry.io import read_json
@@ -400,9 +402,32 @@ def training_callbacks(
     ]
 
 
+class _ContinuedMetrics(ExperimentWriter):
+    """Lightning's CSV writer, continuing `metrics.csv` instead of deleting it on a resumed run
+    (`identity.prepare_run_dir` has trimmed it to the resumed step)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                header = file.readline().strip()
+            self.metrics_keys = sorted(header.split(",")) if header else []
+
+
+class MetricsCSV(CSVLogger):
+    """`logs/metrics.csv`, continued across resumptions."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedMetrics(log_dir=self.log_dir)
+        return self._experiment
+
+
 def loggers_for(settings: dict[str, Any], run_dir: Path) -> list[Any]:
     """CSV always; TensorBoard and Weights & Biases when enabled (runtime settings)."""
-    loggers: list[Any] = [CSVLogger(run_dir, name="logs", version="")]
+    loggers: list[Any] = [MetricsCSV(run_dir, name="logs", version="")]
     if settings["tensorboard"]:
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -515,7 +540,8 @@ def export_run(
     identity: RunIdentity,
     seed: int,
 ) -> Path:
-    """Export to `exports/<identity>-step<N>/` and publish it as `final/` (global rank 0)."""
+    """Export to `exports/<identity>-step<N>/` (unless a rerun finds it there: same identity and
+    steps, same model) and publish it as `final/` (global rank 0)."""
     final = run_dir / "final"
     if not trainer.is_global_zero:
         return final
@@ -525,20 +551,24 @@ def export_run(
     extra |= {
         f"panels/{s}/{n}.csv": p for s, panels in inputs.panels.items() for n, p in panels.items()
     }
-    folder = export_model(
-        system.model,
-        layout,
-        mappings,
-        run_dir / "exports" / f"{identity.digest}-step{trainer.global_step}",
-        extra_files=extra,
-        metadata={
-            "objective": settings["objective"],
-            "train": settings,
-            "seed": seed,
-            "steps": trainer.global_step,
-            "identity": identity.digest,
-        },
-    )
+    folder = run_dir / "exports" / f"{identity.digest}-step{trainer.global_step}"
+    if (folder / "config.json").is_file():
+        log.info("%s holds this identity after these steps already: kept", folder)
+    else:
+        export_model(
+            system.model,
+            layout,
+            mappings,
+            folder,
+            extra_files=extra,
+            metadata={
+                "objective": settings["objective"],
+                "train": settings,
+                "seed": seed,
+                "steps": trainer.global_step,
+                "identity": identity.digest,
+            },
+        )
     publish(folder, final)
     log.info("exported the model after %d steps to %s (as %s)", trainer.global_step, folder, final)
     return final

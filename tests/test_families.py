@@ -216,3 +216,48 @@ def test_two_ddp_processes_match_one_process(tiny_corpus, tmp_path):
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
         changed += int(not torch.equal(one[name], two[name]))
     assert changed > 0  # the comparison is not vacuous
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("objective", ["binned_mlm", "geneformer_mlm", "contrastive", "diffusion"])
+def test_two_ranks_validate_batches_that_do_not_split_evenly(tiny_corpus, tmp_path, objective):
+    """Two real gloo ranks evaluate every validation cell, although the validation datasets'
+    last batches (117 % 16 = 5 and 57 % 16 = 9 cells) do not split over two ranks: every
+    collective (the contrastive all-gather above all) sees equal shapes."""
+    values = settings(
+        objective=objective,
+        max_steps=2,
+        batch_size=8,
+        val_every_n_steps=2,
+        val_batches=100,  # every validation batch, the short ones included
+        **({"model.max_len": 32} if objective == "diffusion" else {}),
+    )
+    panels = [str(p) for p in tiny_corpus["panels"].values()]
+    command = [
+        sys.executable,
+        "-m",
+        "cellfoundry",
+        "train",
+        "--settings",
+        json.dumps(values),
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--manifest",
+        str(tiny_corpus["manifest"]),
+        "--token-mappings",
+        *map(str, tiny_corpus["token_mappings"].values()),
+        "--summaries",
+        *map(str, tiny_corpus["summaries"].values()),
+        *(["--panels", *panels] if objective in ("contrastive", "diffusion") else []),
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rank 1 of world size 2" in run.stderr
+    metrics = pl.read_csv(tmp_path / "run" / "logs" / "metrics.csv")
+    val = metrics.filter(pl.col("val/loss").is_not_null())
+    assert val["step"].to_list() == [0, 1] and np.isfinite(val["val/loss"].to_numpy()).all()

@@ -111,10 +111,11 @@ def with_gene_ids(
     mapped = np.flatnonzero([g is not None for g in found.gene_ids])
     ids = np.asarray(found.gene_ids[mapped], dtype=str)
     unique, inverse = np.unique(ids, return_inverse=True)
+    X = sp.csr_matrix(adata.X)
     merge = sp.csr_matrix(
-        (np.ones(len(mapped)), (mapped, inverse)), shape=(adata.n_vars, len(unique))
+        (np.ones(len(mapped), dtype=X.dtype), (mapped, inverse)), shape=(adata.n_vars, len(unique))
     )
-    X = sp.csr_matrix(sp.csr_matrix(adata.X) @ merge)
+    X = sp.csr_matrix(X @ merge)
     known = int((mapping.tokens(unique) >= 0).sum())
     log.info(
         "%s: %d of %d genes mapped to Ensembl IDs by %s (%s), %d merged into another; "

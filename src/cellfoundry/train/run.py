@@ -286,10 +286,12 @@ class DecayStartCheckpoint(Callback):
     def __init__(self, run_dir: Path, optimizer: OptimizerConfig) -> None:
         self.path = run_dir / "checkpoints" / f"decay-start-step{optimizer.decay_start:07d}.ckpt"
         self.step = optimizer.decay_start
-        self.active = optimizer.schedule == "wsd" and 0 < self.step < optimizer.max_steps
+        self.pending = optimizer.schedule == "wsd" and 0 < self.step < optimizer.max_steps
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.active and trainer.global_step == self.step and not self.path.exists():
+        # Decided alike on every rank: saving a checkpoint is a collective.
+        if self.pending and trainer.global_step == self.step:
+            self.pending = False
             trainer.save_checkpoint(self.path)
 
 
@@ -515,6 +517,8 @@ def fit(
     data: ShardDataModule,
     resume: Path | None,
     run_dir: Path,
+    *,
+    checkpoint_every: int,
 ) -> None:
     """Train to max_steps (a validation at step 0 first, when starting afresh) and make sure
     a checkpoint of the last step exists."""
@@ -524,9 +528,10 @@ def fit(
     else:
         log.info("resuming from %s", resume)
     trainer.fit(system, datamodule=data, ckpt_path=str(resume) if resume else None)
-    final = run_dir / "checkpoints" / f"step{trainer.global_step:07d}.ckpt"
-    if not final.exists():
-        trainer.save_checkpoint(final)
+    # The periodic checkpoints hold every multiple of checkpoint_every; decided alike on every
+    # rank (not by looking at files), since saving is a collective.
+    if trainer.global_step % checkpoint_every:
+        trainer.save_checkpoint(run_dir / "checkpoints" / f"step{trainer.global_step:07d}.ckpt")
 
 
 def export_run(
@@ -624,7 +629,14 @@ def train(
         trainer.precision,
         f"{sum(p.numel() for p in system.parameters()):,}",
     )
-    fit(trainer, system, data, resume, run_dir)
+    fit(
+        trainer,
+        system,
+        data,
+        resume,
+        run_dir,
+        checkpoint_every=settings["checkpoint_every_n_steps"],
+    )
     return export_run(
         trainer, system, layout, settings, inputs, run_dir, identity=identity, seed=seed
     )

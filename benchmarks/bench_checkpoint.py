@@ -62,7 +62,7 @@ class Objective:
     name = "binned_mlm"
 
     def loss(self, model: CellModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from cellfoundry.models.objectives import masked_cross_entropy
+        from cellfoundry.models.losses import masked_cross_entropy
 
         mask = batch["loss_mask"]
         logits = model.value_head(model.encode(batch), mask)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cellfoundry.config import section_defaults
-from cellfoundry.models import objectives as math
+from cellfoundry.models import losses
 from cellfoundry.models.encoder import EncoderConfig
 from cellfoundry.models.model import CellModel, ModelConfig
 
@@ -132,7 +132,7 @@ def step_time(
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             hidden = model.encode(batch)
             logits = model.mlm_head(hidden, batch["loss_mask"])
-            loss, _ = math.masked_cross_entropy(logits, batch["targets"][batch["loss_mask"]])
+            loss, _ = losses.masked_cross_entropy(logits, batch["targets"][batch["loss_mask"]])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,16 @@ VOCAB = 50
 N_BINS = 7
 
 BERT = EncoderConfig(
-    vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=24, dropout=0.1
+    vocab_size=VOCAB,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    d_ff=64,
+    max_len=24,
+    dropout=0.1,
+    attention_dropout=0.02,
+    norm_first=False,
+    activation="gelu",
 )
 MODERN = EncoderConfig(
     vocab_size=VOCAB,
@@ -30,6 +39,9 @@ MODERN = EncoderConfig(
     n_heads=4,
     d_ff=64,
     max_len=24,
+    dropout=0.02,
+    attention_dropout=0.02,
+    activation="gelu",
     n_values=N_BINS + 1,
     position="none",
     norm_first=True,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -21,13 +23,15 @@ from cellfoundry.embeddings import read_csv
 from cellfoundry.train.data import (
     BatchPlan,
     CellNoise,
+    CollatedBatches,
     PlannedBatches,
     VocabularyLayout,
+    n_cells,
     open_split,
 )
 from cellfoundry.train.export import gene_embedding_matrix, load_pretrained
 from cellfoundry.train.run import TrainInputs, build, train
-from cellfoundry.train.system import OptimizerConfig, lr_factor, parameter_groups
+from cellfoundry.train.system import OptimizerConfig, lr_factor, parameter_groups, shared_steps
 from cellfoundry.vocabulary import read_token_mapping
 from conftest import TINY_TRAIN
 
@@ -119,11 +123,28 @@ def test_optimizer_groups_and_schedule(tiny_corpus):
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert any("norm" in n for n in exempt) and any(n.endswith("bias") for n in exempt)
     assert "encoder.embeddings.token_embedding.weight" in exempt
-    config = OptimizerConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
-    assert lr_factor(0, config) == pytest.approx(0.1)
-    assert lr_factor(9, config) == pytest.approx(1.0)
-    assert lr_factor(60, config) == pytest.approx(0.55)
-    assert lr_factor(110, config) == pytest.approx(0.1)
+    cosine = OptimizerConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_factor(0, cosine) == pytest.approx(0.1)
+    assert lr_factor(9, cosine) == pytest.approx(1.0)
+    assert lr_factor(60, cosine) == pytest.approx(0.55)
+    assert lr_factor(110, cosine) == pytest.approx(0.1)
+    # Warmup-stable-decay: a 1-sqrt decay over the last 20% (steps 88..110).
+    wsd = OptimizerConfig(
+        warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2
+    )
+    assert wsd.decay_start == 88
+    assert lr_factor(0, wsd) == pytest.approx(0.1)
+    assert lr_factor(60, wsd) == lr_factor(88, wsd) == pytest.approx(1.0)
+    assert lr_factor(99, wsd) == pytest.approx(0.1 + 0.9 * (1 - 0.5**0.5))
+    assert lr_factor(110, wsd) == pytest.approx(0.1)
+    # A longer wsd run shares every step before the shorter one's decay; cosine only warmup.
+    longer = replace(wsd, max_steps=220)
+    assert shared_steps(wsd, longer) == 88
+    assert all(lr_factor(s, wsd) == lr_factor(s, longer) for s in range(88))
+    assert lr_factor(88 + 5, wsd) != lr_factor(88 + 5, longer)
+    assert shared_steps(cosine, replace(cosine, max_steps=220)) == 10
+    assert shared_steps(wsd, wsd) is None
+    assert shared_steps(wsd, replace(wsd, lr=0.5)) == 0
 
 
 def test_gene_embeddings_land_on_their_tokens(tiny_corpus):
@@ -251,3 +272,81 @@ def test_command_line_overrides():
     assert values == {"model": {"d_model": 256}, "max_steps": 7, "wandb": {"enabled": True}}
     full = section_defaults("train", values)
     assert full["model"]["n_layers"] == 2 and full["precision"] == "auto"
+
+
+def test_every_dataset_is_trained_on_with_one_dataset_batches(tiny_corpus, caplog):
+    """demo_retina has 57 training cells, fewer than a global batch of 64: its cells join the
+    remainders of the other mouse dataset in batches of one species, and the plan says so."""
+    mappings = mappings_of(tiny_corpus)
+    data = open_split(
+        tiny_corpus["manifest"], "train", mappings, VocabularyLayout.from_mappings(mappings)
+    )
+    sizes = dict.fromkeys(data.dataset_names, 0)
+    for (start, stop), dataset in zip(data.collection.shard_ranges(), data.datasets, strict=True):
+        sizes[data.dataset_name(int(dataset))] += stop - start
+    assert sizes["demo_retina"] < 64 <= sizes["demo_brain"]
+    plan = BatchPlan(data, 64, seed=1, within_dataset=True)
+    retina = data.dataset_names.index("demo_retina")
+    seen = set()
+    for epoch in range(20):
+        batches = plan.epoch_plan(epoch)
+        for batch in batches:
+            assert len(set(data.species[data.collection.shard_of(batch)])) == 1  # one species
+        cells = np.concatenate(batches)
+        assert len(np.unique(cells)) == len(cells)
+        seen |= {int(c) for c in cells if plan.dataset_of_cell[c] == retina}
+        counts = plan.cells_per_dataset(epoch)
+        assert counts["demo_retina"][0] > 0 and counts["demo_retina"][1] == sizes["demo_retina"]
+    assert len(seen) == sizes["demo_retina"]  # every cell is reached within a few epochs
+    caplog.set_level(logging.INFO)
+    next(iter(PlannedBatches(plan, rank=0, world_size=1, log_epochs=True)))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 0:"))
+    retina_seen, retina_total = plan.cells_per_dataset(0)["demo_retina"]
+    assert f"demo_retina {retina_seen}/{retina_total}" in line
+
+
+def test_uneven_batches_split_into_equal_shapes(tiny_corpus):
+    """A global batch that does not divide over the ranks is padded to equal slices; the real
+    cells of all slices are the batch, and padding cells carry no loss."""
+    mappings = mappings_of(tiny_corpus)
+    layout = VocabularyLayout.from_mappings(mappings)
+    data = open_split(tiny_corpus["manifest"], "val", mappings, layout)
+    plan = BatchPlan(data, 16, seed=0, within_dataset=True, drop_last=False, min_cells=4)
+    short = [k for k in range(plan.batches_per_epoch) if len(plan.batch(k)) % 4]
+    assert short  # the val split holds batches of 117 % 16 = 5 and 57 % 16 = 9 cells
+    for k in short:
+        slices = [
+            next(iter(PlannedBatches(plan, rank=r, world_size=4, start=k, limit=k + 1)))
+            for r in range(4)
+        ]
+        assert len({len(cells) for _, cells, _ in slices}) == 1
+        real = np.concatenate([cells[: len(cells) - pad] for _, cells, pad in slices])
+        assert np.array_equal(np.sort(real), np.sort(plan.batch(k)))
+    _system, module, _ = build(settings(), inputs_of(tiny_corpus), seed=0)
+    dataset = CollatedBatches(data, module.collate, seed=0)
+    k, cells, pad = slices[-1]
+    assert pad > 0
+    batch = dataset[(k, cells, pad)]
+    assert int(batch["cell_mask"].sum()) == len(cells) - pad == n_cells(batch)
+    assert not batch["loss_mask"][~batch["cell_mask"]].any()
+
+
+def test_dropped_gene_counts_appear_in_the_training_log(tiny_corpus, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    train(settings(max_steps=2), inputs_of(tiny_corpus, embeddings=False), tmp_path / "run", seed=0)
+    manifest = pl.read_parquet(tiny_corpus["manifest"])
+    messages = [r.getMessage() for r in caplog.records]
+    for dataset, split, species in manifest.select("dataset", "split", "species").unique().rows():
+        vocabulary = set(pl.read_csv(tiny_corpus["token_mappings"][species])["gene_id"])
+        genes = set()
+        for shard in manifest.filter((pl.col("dataset") == dataset) & (pl.col("split") == split))[
+            "shard"
+        ]:
+            genes |= set(pl.read_parquet(f"{shard}/var.parquet")["gene_id"])
+        outside = len(genes - vocabulary)
+        assert outside > 0
+        expected = (
+            f"{dataset} ({split}): {outside} of {len(genes)} genes are outside the model's "
+            "vocabulary and dropped when loading"
+        )
+        assert expected in messages

@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 
 from cellfoundry.demo import DEMO_DATASETS
+from cellfoundry.train.identity import checkpoint_step
 from conftest import REPO, Project, parse_job_stats, run
 
 pytestmark = pytest.mark.slow
@@ -404,15 +405,20 @@ def test_interrupted_training_rule_resumes_when_rerun(demo_project):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 900
-    fingerprint = run_dir / "fingerprint.json"
-    before = fingerprint.read_text()
-    # Wait for a checkpoint of the new run (the fingerprint changes when it starts afresh).
-    while not (fingerprint.read_text() != before and list(run_dir.glob("checkpoints/step*.ckpt"))):
+    marker = run_dir / "run.json"
+    before = marker.read_text()
+
+    def new_checkpoints() -> list[Path]:
+        started = marker.stat().st_mtime_ns
+        return [p for p in run_dir.glob("checkpoints/*.ckpt") if p.stat().st_mtime_ns > started]
+
+    # Wait for a checkpoint of the longer run (it rewrites run.json when it starts).
+    while not (marker.read_text() != before and new_checkpoints()):
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    saved = max(int(p.stem.removeprefix("step")) for p in run_dir.glob("checkpoints/step*.ckpt"))
+    saved = max(checkpoint_step(p) for p in run_dir.glob("checkpoints/*.ckpt"))
     assert saved < 100
 
     # A killed Snakemake leaves its lock behind; the local profile reruns incomplete jobs.
@@ -420,7 +426,7 @@ def test_interrupted_training_rule_resumes_when_rerun(demo_project):
     result = demo_project.snakemake(config=longer)
     assert result.returncode == 0, result.stdout[-4000:]
     log = (demo_project.results / "logs" / "train" / "demo.log").read_text()
-    assert re.search(r"resuming from \S+/checkpoints/step\d{7}\.ckpt", log), log[-3000:]
+    assert re.search(r"resuming from \S+/checkpoints/\S*step\d{7}\.ckpt", log), log[-3000:]
     first_step = int(re.search(r"step (\d+)/100", log).group(1))
     assert first_step > saved - 1  # continued, not from step 0
     assert json.loads((run_dir / "final" / "config.json").read_text())["steps"] == 100

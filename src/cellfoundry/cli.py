@@ -12,21 +12,35 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cellfoundry.errors import CellfoundryError
 
 log = logging.getLogger("cellfoundry")
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: what it runs, its help line, and the function adding its arguments."""
+
+    run: Callable[[argparse.Namespace], None]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+
+
+COMMANDS: dict[str, Command] = {}
 
 
 def command(
-    name: str,
+    name: str, *, help: str, arguments: Callable[[argparse.ArgumentParser], None]
 ) -> Callable[[Callable[[argparse.Namespace], None]], Callable[[argparse.Namespace], None]]:
+    """Register a subcommand (in order: `build_parser` lists them so)."""
+
     def register(
         function: Callable[[argparse.Namespace], None],
     ) -> Callable[[argparse.Namespace], None]:
-        COMMANDS[name] = function
+        COMMANDS[name] = Command(function, help, arguments)
         return function
 
     return register
@@ -36,7 +50,13 @@ def _json(text: str) -> dict:
     return json.loads(text) if text else {}
 
 
-@command("reference")
+def _reference_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--species", required=True)
+    p.add_argument("--table", default="", help="user table overriding the bundled one")
+    p.add_argument("--out", required=True)
+
+
+@command("reference", help="gene reference of a species", arguments=_reference_arguments)
 def _reference(args: argparse.Namespace) -> None:
     from cellfoundry import reference
     from cellfoundry.io import atomic_outputs
@@ -47,7 +67,15 @@ def _reference(args: argparse.Namespace) -> None:
     log.info("%s: %d genes from %s", args.species, len(ref), ref.source)
 
 
-@command("demo")
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--n-cells", type=int, default=None, help="cells per dataset (default: each dataset's own)"
+    )
+
+
+@command("demo", help="write the simulated demo corpus", arguments=_demo_arguments)
 def _demo(args: argparse.Namespace) -> None:
     from cellfoundry.demo import write_demo_corpus
 
@@ -55,7 +83,29 @@ def _demo(args: argparse.Namespace) -> None:
     log.info("wrote %d simulated demo datasets to %s", len(paths), args.out)
 
 
-@command("preprocess")
+def _preprocess_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--file", required=True, help="the input's output name (see sources)")
+    p.add_argument("--species", required=True)
+    p.add_argument("--input", required=True, help="the dataset's file or folder")
+    p.add_argument(
+        "--reference", default="", help="gene reference parquet ('' when the species has none)"
+    )
+    p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
+    p.add_argument("--n-bins", type=int, required=True, help="quantile bins of the shard")
+    p.add_argument("--tie-break", default="random", help="shards.tie_break")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exact-max-cells", type=int, required=True, help="gene_stats.exact_max_cells")
+    p.add_argument(
+        "--block-cells", type=int, default=4096, help="cells read at a time (memory, not results)"
+    )
+    for name in ("h5ad", "shard", "gene-stats", "qc", "cells"):
+        p.add_argument(f"--{name}", required=True)
+
+
+@command(
+    "preprocess", help="preprocess one input file of a dataset", arguments=_preprocess_arguments
+)
 def _preprocess(args: argparse.Namespace) -> None:
     from cellfoundry.errors import DatasetError
     from cellfoundry.preprocess import FileOutputs, PreprocessSettings, preprocess_file
@@ -93,7 +143,23 @@ def _preprocess(args: argparse.Namespace) -> None:
     )
 
 
-@command("aggregate")
+def _aggregate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--species", required=True)
+    p.add_argument("--input", required=True, help="the dataset's file or folder")
+    p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
+    p.add_argument("--exact-max-cells", type=int, required=True)
+    p.add_argument("--reference-source", default="")
+    p.add_argument("--file-qc", nargs="+", required=True)
+    p.add_argument("--file-stats", nargs="+", required=True)
+    p.add_argument("--shards", nargs="+", required=True)
+    for name in ("gene-stats", "qc", "qc-plot", "provenance", "shard-manifest"):
+        p.add_argument(f"--{name}", required=True)
+
+
+@command(
+    "aggregate", help="merge the per-file outputs of one dataset", arguments=_aggregate_arguments
+)
 def _aggregate(args: argparse.Namespace) -> None:
     from cellfoundry.preprocess import DatasetOutputs, PreprocessSettings, aggregate_dataset
 
@@ -119,7 +185,24 @@ def _aggregate(args: argparse.Namespace) -> None:
     )
 
 
-@command("gene-stats")
+def _gene_stats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--species", required=True)
+    p.add_argument("--inputs", nargs="+", required=True)
+    p.add_argument("--exact-max-cells", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--summary", required=True)
+    p.add_argument(
+        "--medians",
+        default="",
+        help="Geneformer gene_median_dictionary_gc*.pkl whose medians replace the corpus ones",
+    )
+
+
+@command(
+    "gene-stats",
+    help="merge per-dataset gene statistics of a species",
+    arguments=_gene_stats_arguments,
+)
 def _gene_stats(args: argparse.Namespace) -> None:
     from cellfoundry.gene_stats import merge_gene_stats, summarize, with_imported_medians
     from cellfoundry.io import atomic_outputs
@@ -151,7 +234,21 @@ def _gene_stats(args: argparse.Namespace) -> None:
     )
 
 
-@command("vocabulary")
+def _vocabulary_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--species", required=True)
+    p.add_argument("--stats", required=True)
+    p.add_argument("--reference", required=True)
+    p.add_argument("--min-cells", type=int, default=1)
+    p.add_argument(
+        "--import",
+        dest="import_path",
+        default="",
+        help="token mapping CSV or Geneformer vocab to import",
+    )
+    p.add_argument("--out", required=True)
+
+
+@command("vocabulary", help="token mapping of a species", arguments=_vocabulary_arguments)
 def _vocabulary(args: argparse.Namespace) -> None:
     import polars as pl
 
@@ -172,7 +269,19 @@ def _vocabulary(args: argparse.Namespace) -> None:
     log.info("%s: %d tokens (%d genes)", args.species, mapping.n_tokens, mapping.gene_table.height)
 
 
-@command("panel")
+def _panel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--species", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--token-mapping", required=True)
+    p.add_argument("--summary", default="", help="species gene summary (hvg panel)")
+    p.add_argument("--settings", default="", help="hvg settings (JSON)")
+    p.add_argument("--source", default="", help="user panel CSV")
+    p.add_argument("--reference", default="")
+    p.add_argument("--out", required=True)
+    p.add_argument("--report", required=True)
+
+
+@command("panel", help="one gene panel of a species", arguments=_panel_arguments)
 def _panel(args: argparse.Namespace) -> None:
     import polars as pl
 
@@ -209,7 +318,18 @@ def _panel(args: argparse.Namespace) -> None:
     log.info("%s panel '%s': %d genes", args.species, args.name, panel.table.height)
 
 
-@command("splits")
+def _splits_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--settings", required=True, help="config splits section (JSON)")
+    p.add_argument("--qc", nargs="+", required=True, help="qc/<dataset>/qc.json of every dataset")
+    p.add_argument("--manifests", nargs="+", required=True, help="shards/<dataset>/manifest.json")
+    p.add_argument("--project-path", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--holdout", required=True, help="cells held out by the default split")
+    p.add_argument("--split-dir", required=True, help="where default split files are written")
+
+
+@command("splits", help="expand split files into the split manifest", arguments=_splits_arguments)
 def _splits(args: argparse.Namespace) -> None:
     import numpy as np
     import polars as pl
@@ -298,7 +418,18 @@ def _splits(args: argparse.Namespace) -> None:
         )
 
 
-@command("shard-manifest")
+def _shard_manifest_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--splits", required=True)
+    p.add_argument("--holdout", required=True, help="manifests/holdout.parquet")
+    p.add_argument("--manifests", nargs="+", required=True, help="shards/<dataset>/manifest.json")
+    p.add_argument("--out", required=True)
+
+
+@command(
+    "shard-manifest",
+    help="one manifest of all shards with their splits",
+    arguments=_shard_manifest_arguments,
+)
 def _shard_manifest(args: argparse.Namespace) -> None:
     import polars as pl
 
@@ -315,7 +446,27 @@ def _shard_manifest(args: argparse.Namespace) -> None:
     log.info("shard manifest: %d files, %d cells", manifest.height, manifest["n_cells"].sum())
 
 
-@command("embeddings")
+def _embeddings_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--name", required=True, help="name of the embedding (folder under references/embeddings)"
+    )
+    p.add_argument("--species", required=True)
+    p.add_argument("--token-mapping", required=True)
+    p.add_argument(
+        "--shard-manifests",
+        nargs="+",
+        required=True,
+        help="the species' shards/<dataset>/manifest.json",
+    )
+    p.add_argument("--settings", required=True, help="method settings including 'method' (JSON)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--report", required=True)
+
+
+@command(
+    "embeddings", help="gene embeddings of a species by one method", arguments=_embeddings_arguments
+)
 def _embeddings(args: argparse.Namespace) -> None:
     from cellfoundry import embeddings
     from cellfoundry.io import atomic_outputs, write_json
@@ -350,7 +501,52 @@ def _embeddings(args: argparse.Namespace) -> None:
     )
 
 
-@command("train")
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--settings", default="", help="the config's train section (JSON)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set model.d_model=256",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--manifest", required=True, help="manifests/shards.parquet")
+    p.add_argument(
+        "--token-mappings", nargs="+", required=True, help="<species>.csv token mappings"
+    )
+    p.add_argument(
+        "--summaries",
+        nargs="*",
+        default=[],
+        help="<species>.summary.parquet gene summaries (medians)",
+    )
+    p.add_argument("--gene-embeddings", nargs="*", default=[], help="<species>.csv gene embeddings")
+    p.add_argument(
+        "--panels",
+        nargs="*",
+        default=[],
+        help="panels/<species>/<name>.csv (contrastive, diffusion)",
+    )
+    p.add_argument(
+        "--references",
+        nargs="*",
+        default=[],
+        help="references/genes/<species>.parquet (gene types; symbols for embed-cells)",
+    )
+    p.add_argument("--run-dir", required=True, help="model_checkpoints/<run>")
+    p.add_argument(
+        "--devices", type=int, default=1, help="devices per node (from the rule's resources)"
+    )
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--accelerator", default="auto")
+
+
+@command(
+    "train",
+    help="train (or resume) a model and export it to <run-dir>/final",
+    arguments=_train_arguments,
+)
 def _train(args: argparse.Namespace) -> None:
     from cellfoundry.config import section_defaults
     from cellfoundry.train.run import TrainInputs, train
@@ -364,6 +560,7 @@ def _train(args: argparse.Namespace) -> None:
         summaries=_by_species(args.summaries),
         gene_embeddings=_by_species(args.gene_embeddings),
         panels=_panels_by_species(args.panels),
+        references=_by_species(args.references),
     )
     train(
         settings,
@@ -389,7 +586,29 @@ def _panels_by_species(paths: Sequence[str]) -> dict[str, dict[str, Path]]:
     return panels
 
 
-@command("embed-cells")
+def _embed_cells_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="exported model folder (model_checkpoints/<run>/final)"
+    )
+    p.add_argument(
+        "--h5ad",
+        required=True,
+        help="an h5ad of raw counts in X; genes as Ensembl IDs or symbols (mapped like preprocess)",
+    )
+    p.add_argument("--out", default="", help="where to write (default: in place)")
+    p.add_argument(
+        "--species", default="", help="default: the file's uns['cellfoundry']['species']"
+    )
+    p.add_argument("--key", default="X_cellfoundry", help="obsm key")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+
+
+@command(
+    "embed-cells",
+    help="write a trained model's cell embeddings into an h5ad (obsm)",
+    arguments=_embed_cells_arguments,
+)
 def _embed_cells(args: argparse.Namespace) -> None:
     from cellfoundry.inference import embed_h5ad
 
@@ -404,7 +623,17 @@ def _embed_cells(args: argparse.Namespace) -> None:
     )
 
 
-@command("sample")
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--species", required=True)
+    p.add_argument("--n-cells", type=int, default=100)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+
+
+@command("sample", help="generate cells with a diffusion model", arguments=_sample_arguments)
 def _sample(args: argparse.Namespace) -> None:
     from cellfoundry.inference import sample_cells
 
@@ -421,7 +650,21 @@ def _sample(args: argparse.Namespace) -> None:
     )
 
 
-@command("report-corpus")
+def _report_corpus_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qc", nargs="+", required=True)
+    p.add_argument("--token-mappings", nargs="+", required=True)
+    p.add_argument("--panel-reports", nargs="*", default=[])
+    p.add_argument("--embedding-reports", nargs="*", default=[])
+    p.add_argument("--datasets-out", required=True)
+    p.add_argument("--species-out", required=True)
+    p.add_argument("--html", required=True, help="both tables as an HTML page (for the report)")
+
+
+@command(
+    "report-corpus",
+    help="dataset and species tables for the report",
+    arguments=_report_corpus_arguments,
+)
 def _report_corpus(args: argparse.Namespace) -> None:
     from cellfoundry.io import atomic_outputs
     from cellfoundry.report import corpus_tables, html_tables
@@ -442,7 +685,16 @@ def _report_corpus(args: argparse.Namespace) -> None:
         page.write_text(html_tables("Corpus", {"Datasets": datasets, "Species": species}))
 
 
-@command("report-training")
+def _report_training_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", required=True, help="model_checkpoints/<run>/logs/metrics.csv")
+    p.add_argument("--title", default="")
+    p.add_argument("--out", required=True)
+    p.add_argument("--summary", required=True)
+
+
+@command(
+    "report-training", help="training and validation curves", arguments=_report_training_arguments
+)
 def _report_training(args: argparse.Namespace) -> None:
     from cellfoundry.io import atomic_outputs, write_json
     from cellfoundry.report import training_figure
@@ -451,7 +703,24 @@ def _report_training(args: argparse.Namespace) -> None:
         write_json(summary, training_figure(args.metrics, out, title=args.title))
 
 
-@command("report-embeddings")
+def _report_embeddings_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--h5ads", nargs="+", required=True, help="data/<dataset>/h5ads/<file>.h5ad")
+    p.add_argument("--species", required=True, help="dataset -> species (JSON)")
+    p.add_argument("--k", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--table", required=True)
+    p.add_argument(
+        "--html", required=True, help="the accuracy table as an HTML page (for the report)"
+    )
+
+
+@command(
+    "report-embeddings",
+    help="UMAPs of cell embeddings by label, kNN accuracy vs PCA",
+    arguments=_report_embeddings_arguments,
+)
 def _report_embeddings(args: argparse.Namespace) -> None:
     from cellfoundry.io import atomic_outputs
     from cellfoundry.report import embedding_report, html_tables
@@ -470,7 +739,27 @@ def _report_embeddings(args: argparse.Namespace) -> None:
         )
 
 
-@command("lamin-register")
+def _lamin_register_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--project", required=True, help="project directory (the instance's storage root)"
+    )
+    p.add_argument("--name", required=True, help="instance name (anonymous/<name>)")
+    p.add_argument("--transform-key", required=True)
+    p.add_argument("--transform-version", required=True)
+    p.add_argument("--params", default="", help="the rule's params (JSON)")
+    p.add_argument(
+        "--outputs", nargs="+", required=True, help="files or folders (h5ads/ folders: their files)"
+    )
+    p.add_argument("--inputs", nargs="*", default=[])
+    p.add_argument("--description", default="")
+    p.add_argument("--receipt", required=True, help="JSON record of the registration")
+
+
+@command(
+    "lamin-register",
+    help="register outputs in the project's LaminDB instance",
+    arguments=_lamin_register_arguments,
+)
 def _lamin_register(args: argparse.Namespace) -> None:
     from cellfoundry.io import atomic_outputs, write_json
     from cellfoundry.lamin import init_instance, register_outputs
@@ -498,7 +787,17 @@ def _lamin_register(args: argparse.Namespace) -> None:
     )
 
 
-@command("lamin-lineage")
+def _lamin_lineage_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--project", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--artifact", required=True, help="path of a registered output")
+
+
+@command(
+    "lamin-lineage",
+    help="what an artifact was made from (e.g. a model's training data)",
+    arguments=_lamin_lineage_arguments,
+)
 def _lamin_lineage(args: argparse.Namespace) -> None:
     from cellfoundry.lamin import connect, lineage_of, storage_root
 
@@ -536,231 +835,12 @@ def apply_overrides(settings: dict, overrides: Sequence[str]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `cellfoundry` parser: one subcommand per registered command (`command`)."""
     parser = argparse.ArgumentParser(prog="cellfoundry", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("reference", help="gene reference of a species")
-    p.add_argument("--species", required=True)
-    p.add_argument("--table", default="", help="user table overriding the bundled one")
-    p.add_argument("--out", required=True)
-
-    p = sub.add_parser("demo", help="write the simulated demo corpus")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--n-cells", type=int, default=None, help="cells per dataset (default: each dataset's own)"
-    )
-
-    p = sub.add_parser("preprocess", help="preprocess one input file of a dataset")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--file", required=True, help="the input's output name (see sources)")
-    p.add_argument("--species", required=True)
-    p.add_argument("--input", required=True, help="the dataset's file or folder")
-    p.add_argument(
-        "--reference", default="", help="gene reference parquet ('' when the species has none)"
-    )
-    p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
-    p.add_argument("--n-bins", type=int, required=True, help="quantile bins of the shard")
-    p.add_argument("--tie-break", default="random", help="shards.tie_break")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exact-max-cells", type=int, required=True, help="gene_stats.exact_max_cells")
-    p.add_argument(
-        "--block-cells", type=int, default=4096, help="cells read at a time (memory, not results)"
-    )
-    for name in ("h5ad", "shard", "gene-stats", "qc", "cells"):
-        p.add_argument(f"--{name}", required=True)
-
-    p = sub.add_parser("aggregate", help="merge the per-file outputs of one dataset")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--species", required=True)
-    p.add_argument("--input", required=True, help="the dataset's file or folder")
-    p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
-    p.add_argument("--exact-max-cells", type=int, required=True)
-    p.add_argument("--reference-source", default="")
-    p.add_argument("--file-qc", nargs="+", required=True)
-    p.add_argument("--file-stats", nargs="+", required=True)
-    p.add_argument("--shards", nargs="+", required=True)
-    for name in ("gene-stats", "qc", "qc-plot", "provenance", "shard-manifest"):
-        p.add_argument(f"--{name}", required=True)
-
-    p = sub.add_parser("gene-stats", help="merge per-dataset gene statistics of a species")
-    p.add_argument("--species", required=True)
-    p.add_argument("--inputs", nargs="+", required=True)
-    p.add_argument("--exact-max-cells", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--summary", required=True)
-    p.add_argument(
-        "--medians",
-        default="",
-        help="Geneformer gene_median_dictionary_gc*.pkl whose medians replace the corpus ones",
-    )
-
-    p = sub.add_parser("vocabulary", help="token mapping of a species")
-    p.add_argument("--species", required=True)
-    p.add_argument("--stats", required=True)
-    p.add_argument("--reference", required=True)
-    p.add_argument("--min-cells", type=int, default=1)
-    p.add_argument(
-        "--import",
-        dest="import_path",
-        default="",
-        help="token mapping CSV or Geneformer vocab to import",
-    )
-    p.add_argument("--out", required=True)
-
-    p = sub.add_parser("panel", help="one gene panel of a species")
-    p.add_argument("--species", required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--token-mapping", required=True)
-    p.add_argument("--summary", default="", help="species gene summary (hvg panel)")
-    p.add_argument("--settings", default="", help="hvg settings (JSON)")
-    p.add_argument("--source", default="", help="user panel CSV")
-    p.add_argument("--reference", default="")
-    p.add_argument("--out", required=True)
-    p.add_argument("--report", required=True)
-
-    p = sub.add_parser("splits", help="expand split files into the split manifest")
-    p.add_argument("--settings", required=True, help="config splits section (JSON)")
-    p.add_argument("--qc", nargs="+", required=True, help="qc/<dataset>/qc.json of every dataset")
-    p.add_argument("--manifests", nargs="+", required=True, help="shards/<dataset>/manifest.json")
-    p.add_argument("--project-path", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--holdout", required=True, help="cells held out by the default split")
-    p.add_argument("--split-dir", required=True, help="where default split files are written")
-
-    p = sub.add_parser("embeddings", help="gene embeddings of a species by one method")
-    p.add_argument(
-        "--name", required=True, help="name of the embedding (folder under references/embeddings)"
-    )
-    p.add_argument("--species", required=True)
-    p.add_argument("--token-mapping", required=True)
-    p.add_argument(
-        "--shard-manifests",
-        nargs="+",
-        required=True,
-        help="the species' shards/<dataset>/manifest.json",
-    )
-    p.add_argument("--settings", required=True, help="method settings including 'method' (JSON)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--report", required=True)
-
-    p = sub.add_parser("train", help="train (or resume) a model and export it to <run-dir>/final")
-    p.add_argument("--settings", default="", help="the config's train section (JSON)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. --set model.d_model=256",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--manifest", required=True, help="manifests/shards.parquet")
-    p.add_argument(
-        "--token-mappings", nargs="+", required=True, help="<species>.csv token mappings"
-    )
-    p.add_argument(
-        "--summaries",
-        nargs="*",
-        default=[],
-        help="<species>.summary.parquet gene summaries (medians)",
-    )
-    p.add_argument("--gene-embeddings", nargs="*", default=[], help="<species>.csv gene embeddings")
-    p.add_argument(
-        "--panels",
-        nargs="*",
-        default=[],
-        help="panels/<species>/<name>.csv (contrastive, diffusion)",
-    )
-    p.add_argument("--run-dir", required=True, help="model_checkpoints/<run>")
-    p.add_argument(
-        "--devices", type=int, default=1, help="devices per node (from the rule's resources)"
-    )
-    p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--accelerator", default="auto")
-
-    p = sub.add_parser(
-        "embed-cells", help="write a trained model's cell embeddings into an h5ad (obsm)"
-    )
-    p.add_argument(
-        "--model", required=True, help="exported model folder (model_checkpoints/<run>/final)"
-    )
-    p.add_argument("--h5ad", required=True, help="a preprocessed h5ad (raw counts, Ensembl IDs)")
-    p.add_argument("--out", default="", help="where to write (default: in place)")
-    p.add_argument(
-        "--species", default="", help="default: the file's uns['cellfoundry']['species']"
-    )
-    p.add_argument("--key", default="X_cellfoundry", help="obsm key")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
-
-    p = sub.add_parser("sample", help="generate cells with a diffusion model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--species", required=True)
-    p.add_argument("--n-cells", type=int, default=100)
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True)
-
-    p = sub.add_parser("report-corpus", help="dataset and species tables for the report")
-    p.add_argument("--qc", nargs="+", required=True)
-    p.add_argument("--token-mappings", nargs="+", required=True)
-    p.add_argument("--panel-reports", nargs="*", default=[])
-    p.add_argument("--embedding-reports", nargs="*", default=[])
-    p.add_argument("--datasets-out", required=True)
-    p.add_argument("--species-out", required=True)
-    p.add_argument("--html", required=True, help="both tables as an HTML page (for the report)")
-
-    p = sub.add_parser("report-training", help="training and validation curves")
-    p.add_argument("--metrics", required=True, help="model_checkpoints/<run>/logs/metrics.csv")
-    p.add_argument("--title", default="")
-    p.add_argument("--out", required=True)
-    p.add_argument("--summary", required=True)
-
-    p = sub.add_parser(
-        "report-embeddings", help="UMAPs of cell embeddings by label, kNN accuracy vs PCA"
-    )
-    p.add_argument("--model", required=True)
-    p.add_argument("--h5ads", nargs="+", required=True, help="data/<dataset>/h5ads/<file>.h5ad")
-    p.add_argument("--species", required=True, help="dataset -> species (JSON)")
-    p.add_argument("--k", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--table", required=True)
-    p.add_argument(
-        "--html", required=True, help="the accuracy table as an HTML page (for the report)"
-    )
-
-    p = sub.add_parser("lamin-register", help="register outputs in the project's LaminDB instance")
-    p.add_argument(
-        "--project", required=True, help="project directory (the instance's storage root)"
-    )
-    p.add_argument("--name", required=True, help="instance name (anonymous/<name>)")
-    p.add_argument("--transform-key", required=True)
-    p.add_argument("--transform-version", required=True)
-    p.add_argument("--params", default="", help="the rule's params (JSON)")
-    p.add_argument(
-        "--outputs", nargs="+", required=True, help="files or folders (h5ads/ folders: their files)"
-    )
-    p.add_argument("--inputs", nargs="*", default=[])
-    p.add_argument("--description", default="")
-    p.add_argument("--receipt", required=True, help="JSON record of the registration")
-
-    p = sub.add_parser(
-        "lamin-lineage", help="what an artifact was made from (e.g. a model's training data)"
-    )
-    p.add_argument("--project", required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--artifact", required=True, help="path of a registered output")
-
-    p = sub.add_parser("shard-manifest", help="one manifest of all shards with their splits")
-    p.add_argument("--splits", required=True)
-    p.add_argument("--holdout", required=True, help="manifests/holdout.parquet")
-    p.add_argument("--manifests", nargs="+", required=True, help="shards/<dataset>/manifest.json")
-    p.add_argument("--out", required=True)
+    for name, registered in COMMANDS.items():
+        registered.arguments(sub.add_parser(name, help=registered.help))
     return parser
 
 
@@ -773,7 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.captureWarnings(True)
     try:
-        COMMANDS[args.command](args)
+        COMMANDS[args.command].run(args)
     except CellfoundryError as error:
         print(f"cellfoundry {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ run at once with a message that names the file and the key (or the sheet's row).
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,23 @@ def load_schema(path: str | Path) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
 
+@functools.cache
+def _config_schema() -> dict[str, Any]:
+    return load_schema(schema_path("config"))
+
+
+def schema_default(key: str) -> Any:
+    """The default of a config key (dotted: `train.model.d_model`) as the schema states it.
+
+    The schema is the one place defaults live: dataclasses that mirror config keys take their
+    defaults from here, and `tests/test_config_defaults.py` checks that none drifts.
+    """
+    node = _config_schema()
+    for part in key.split("."):
+        node = node["properties"][part]
+    return copy.deepcopy(node["default"])
+
+
 def _extend_with_default(validator_class: type) -> type:
     """A validator that fills in the schema's defaults (the jsonschema FAQ recipe)."""
     validate_properties = validator_class.VALIDATORS["properties"]
@@ -66,6 +84,7 @@ _Validator = _extend_with_default(jsonschema.Draft202012Validator)
 def validate(instance: Any, schema: dict[str, Any], *, source: str) -> Any:
     """Validate (and fill defaults into) `instance`; errors name `source` and the key path."""
     instance = copy.deepcopy(instance)
+    _parse_command_line_nulls(instance, schema)
     _parse_command_line_strings(instance, schema)
     errors = sorted(_Validator(schema).iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
@@ -79,9 +98,10 @@ def validate(instance: Any, schema: dict[str, Any], *, source: str) -> Any:
 def _parse_command_line_strings(instance: Any, schema: dict[str, Any]) -> None:
     """Read numbers, booleans and nulls that arrive as strings (`snakemake --config
     'train={max_steps: 50}'` passes nested values as text) the way YAML would."""
+    checker = jsonschema.Draft202012Validator(schema)  # reports only: fills no defaults
     for _ in range(100):  # each pass fixes every string it can; nested fixes need a few passes
         fixed = False
-        for error in _Validator(schema).iter_errors(instance):
+        for error in checker.iter_errors(instance):
             if (
                 error.validator != "type"
                 or not isinstance(error.instance, str)
@@ -101,14 +121,53 @@ def _parse_command_line_strings(instance: Any, schema: dict[str, Any]) -> None:
             return
 
 
+def _parse_command_line_nulls(instance: Any, schema: dict[str, Any]) -> None:
+    """`null` given on the command line (`snakemake --config 'train={gene_embeddings: null}'`
+    arrives as the text 'null') is YAML's null wherever the schema allows null."""
+    if not isinstance(instance, dict):
+        return
+    for name, sub in schema.get("properties", {}).items():
+        if name not in instance:
+            continue
+        value = instance[name]
+        if isinstance(value, dict):
+            _parse_command_line_nulls(value, sub)
+        elif isinstance(value, str) and _allows_null(sub) and yaml.safe_load(value or "x") is None:
+            instance[name] = None
+
+
+def _allows_null(schema: dict[str, Any]) -> bool:
+    kind = schema.get("type")
+    return (
+        kind == "null"
+        or (isinstance(kind, list) and "null" in kind)
+        or None in schema.get("enum", [object()])
+    )
+
+
 def validate_config(
     config: dict[str, Any], schema: str | Path | None = None, *, source: str = "config"
 ) -> dict[str, Any]:
-    """The config with defaults (and the training preset) filled in; errors name the key."""
-    config = dict(config or {})
+    """The config with the training preset and the defaults filled in; errors name the key.
+
+    Precedence: the schema's defaults < the preset (`train.preset`) < what the config and the
+    command line set.
+    """
+    schema = load_schema(schema or schema_path("config"))
+    config = _from_command_line(dict(config or {}), schema)
     if "train" in config:
         config["train"] = _with_preset(config["train"], source)
-    return validate(config, load_schema(schema or schema_path("config")), source=source)
+    config = validate(config, schema, source=source)
+    _check_train(config["train"], source)
+    return config
+
+
+def _from_command_line(values: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """Values as typed values: command-line text read the way YAML would, before any merge."""
+    values = copy.deepcopy(values)
+    _parse_command_line_nulls(values, schema)
+    _parse_command_line_strings(values, schema)
+    return values
 
 
 def _with_preset(train: dict[str, Any], source: str) -> dict[str, Any]:
@@ -120,14 +179,28 @@ def _with_preset(train: dict[str, Any], source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: {error}") from error
 
 
+def _check_train(train: dict[str, Any], source: str) -> None:
+    from cellfoundry.train.presets import check_train_settings
+
+    try:
+        check_train_settings(train)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from error
+
+
 def section_defaults(
     section: str, values: dict[str, Any] | None = None, *, source: str = "settings"
 ) -> dict[str, Any]:
     """One top-level section of the config (e.g. `train`), validated, with its defaults."""
-    schema = load_schema(schema_path("config"))
+    schema = _config_schema()
     sub = {**schema["properties"][section], "$defs": schema.get("$defs", {})}
-    values = _with_preset(values or {}, source) if section == "train" else values
-    return validate(values or {}, sub, source=f"{source} ({section})")
+    values = _from_command_line(values or {}, sub)
+    if section == "train":
+        values = _with_preset(values, source)
+    filled = validate(values, sub, source=f"{source} ({section})")
+    if section == "train":
+        _check_train(filled, f"{source} ({section})")
+    return filled
 
 
 def read_dataset_sheet(path: str | Path, schema: str | Path | None = None) -> pd.DataFrame:

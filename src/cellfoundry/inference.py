@@ -2,7 +2,9 @@
 
 Both read the exported folder (`model_checkpoints/<run>/final`). A dataset is tokenized
 exactly as in training (through a temporary shard, the loader and the objective's collate,
-without masking), so embeddings of new data match what the model learned.
+without masking), so embeddings of new data match what the model learned. Its genes are
+mapped to Ensembl IDs as preprocessing maps them (`preprocess.map_genes`: an ID column, or
+symbols through the gene reference); a file whose genes do not map is refused with one line.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import polars as pl
+import scipy.sparse as sp
 import torch
 
+from cellfoundry.config import schema_default
+from cellfoundry.errors import CellfoundryError
 from cellfoundry.loader import ShardCollection
 from cellfoundry.models.model import CellModel
+from cellfoundry.preprocess import map_genes
+from cellfoundry.reference import GeneReference, read_reference
 from cellfoundry.shards import write_shard
-from cellfoundry.train.data import CellNoise, SplitData, VocabularyLayout
+from cellfoundry.train.data import CellNoise, SplitData, VocabularyLayout, mask_cells
 from cellfoundry.train.export import load_pretrained, load_token_mappings
 from cellfoundry.train.run import make_training_objective
 from cellfoundry.vocabulary import TokenMapping
@@ -68,6 +75,63 @@ def open_model(model_dir: str | Path, *, device: str = "auto") -> LoadedModel:
     return LoadedModel(model, layout, config, mappings, objective, dev)
 
 
+def gene_reference(folder: Path, species: str, mapping: TokenMapping) -> GeneReference:
+    """The export's gene reference of a species; for exports without one, the token mapping's
+    genes and names."""
+    path = folder / "references" / f"{species}.parquet"
+    if path.is_file():
+        return read_reference(species, path)
+    table = mapping.gene_table.select("gene_id", "gene_name").with_columns(
+        pl.lit("unknown").alias("gene_type")
+    )
+    return GeneReference(species, f"{folder}/token_mappings", table.sort("gene_id"))
+
+
+def with_gene_ids(
+    adata: ad.AnnData,
+    reference: GeneReference,
+    mapping: TokenMapping,
+    *,
+    source: str,
+    min_mapping_rate: float = schema_default("preprocess.min_mapping_rate"),
+) -> ad.AnnData:
+    """`adata` over Ensembl IDs: its genes mapped as preprocessing maps them (an ID column, or
+    symbols through `reference`), unmapped genes dropped, genes mapping to one ID summed.
+
+    Logs what was mapped, summed and what lies outside the model's vocabulary; raises
+    CellfoundryError (one line naming `source`) when fewer than `min_mapping_rate` map.
+    """
+    found = map_genes(adata.var, reference)
+    if found.rate < min_mapping_rate:
+        raise CellfoundryError(
+            f"{source}: only {found.n_mapped} of {adata.n_vars} genes ({found.rate:.0%}) map to "
+            f"{reference.species} Ensembl IDs (best column: {found.column}); give a file with "
+            "Ensembl IDs or gene symbols of the reference"
+        )
+    mapped = np.flatnonzero([g is not None for g in found.gene_ids])
+    ids = np.asarray(found.gene_ids[mapped], dtype=str)
+    unique, inverse = np.unique(ids, return_inverse=True)
+    X = sp.csr_matrix(adata.X)
+    merge = sp.csr_matrix(
+        (np.ones(len(mapped), dtype=X.dtype), (mapped, inverse)), shape=(adata.n_vars, len(unique))
+    )
+    X = sp.csr_matrix(X @ merge)
+    known = int((mapping.tokens(unique) >= 0).sum())
+    log.info(
+        "%s: %d of %d genes mapped to Ensembl IDs by %s (%s), %d merged into another; "
+        "%d of the %d IDs are in the model's vocabulary (the others are dropped)",
+        source,
+        len(mapped),
+        adata.n_vars,
+        found.kind,
+        found.column,
+        len(mapped) - len(unique),
+        known,
+        len(unique),
+    )
+    return ad.AnnData(X=X, obs=adata.obs, var=pd.DataFrame(index=pd.Index(unique)))
+
+
 def embed_cells(
     model_dir: str | Path,
     adata: ad.AnnData,
@@ -75,14 +139,20 @@ def embed_cells(
     species: str,
     batch_size: int = 256,
     device: str = "auto",
+    source: str = "input",
 ) -> np.ndarray:
-    """Embeddings [n_cells, D] of a preprocessed AnnData (raw counts, Ensembl IDs as var_names)."""
+    """Embeddings [n_cells, D] of an AnnData of raw counts (genes as Ensembl IDs or symbols)."""
     folder = Path(model_dir)
     loaded = open_model(folder, device=device)
     model, layout, config, mappings = loaded.model, loaded.layout, loaded.config, loaded.mappings
     objective, dev = loaded.objective, loaded.device
     if species not in mappings:
-        raise ValueError(f"the model knows {', '.join(sorted(mappings))}, not {species}")
+        raise CellfoundryError(
+            f"{source}: the model knows {', '.join(sorted(mappings))}, not {species}"
+        )
+    adata = with_gene_ids(
+        adata, gene_reference(folder, species, mappings[species]), mappings[species], source=source
+    )
     medians = {
         p.name.split(".")[0]: pl.read_parquet(p)
         for p in (folder / "gene_summaries").glob("*.parquet")
@@ -111,9 +181,13 @@ def embed_cells(
                 batch = objective.collate(
                     gathered, data, CellNoise(0, 0, gathered.cells), train=False
                 )
-                batch = {k: v.to(dev) for k, v in batch.items()}
+                batch = _to(mask_cells(batch, np.ones(len(cells), dtype=bool)), dev)
                 out.append(model.cell_embedding(batch).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 def embed_h5ad(
@@ -129,10 +203,10 @@ def embed_h5ad(
     adata = ad.read_h5ad(h5ad)
     species = species or adata.uns.get("cellfoundry", {}).get("species")
     if species is None:
-        raise ValueError(
+        raise CellfoundryError(
             f"{h5ad}: give the species (the file has no uns['cellfoundry']['species'])"
         )
-    adata.obsm[key] = embed_cells(model_dir, adata, species=species, **kwargs)
+    adata.obsm[key] = embed_cells(model_dir, adata, species=species, source=str(h5ad), **kwargs)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
     log.info(

@@ -347,22 +347,23 @@ class ShardCollection:
             cells, offsets, tokens, counts, bins, rows, totals if with_totals else None
         )
 
-    def dropped_genes(self) -> pl.DataFrame:
-        """Per dataset, genes of its shards outside the vocabulary (they are dropped as cells
-        load): dataset, genes, genes_dropped. Reads one gene list per distinct list."""
-        seen: dict[str, tuple[int, int]] = {}
+    def genes_outside_vocabulary(self) -> dict[str, tuple[int, int]]:
+        """Per dataset: (genes of its shards outside the vocabulary, genes), over the union of
+        its shards' gene lists. The loader drops those genes as cells load. Reads each
+        distinct gene list once (not at start-up: call it to log the counts)."""
+        outside: dict[str, set[str]] = {}
+        every: dict[str, set[str]] = {}
+        lists: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
         for row, info in enumerate(self.rows):
-            lut = self.lookup(row)
-            genes, dropped = seen.get(info.dataset, (0, 0))
-            seen[info.dataset] = (max(genes, len(lut)), max(dropped, int((lut < 0).sum())))
-        return pl.DataFrame(
-            {
-                "dataset": list(seen),
-                "genes": [v[0] for v in seen.values()],
-                "genes_dropped": [v[1] for v in seen.values()],
-            },
-            schema={"dataset": pl.Utf8, "genes": pl.Int64, "genes_dropped": pl.Int64},
-        ).sort("dataset")
+            key = (info.species, info.genes_key)
+            if key not in lists:
+                genes = _gene_ids(info.path).astype(str)
+                lut = self.lookup(row)
+                lists[key] = (set(genes.tolist()), set(genes[lut < 0].tolist()))
+            genes, dropped = lists[key]
+            every.setdefault(info.dataset, set()).update(genes)
+            outside.setdefault(info.dataset, set()).update(dropped)
+        return {name: (len(outside[name]), len(every[name])) for name in sorted(every)}
 
     def rank_batch(
         self, batch: SparseBatch, *, max_len: int, target_sum: float = 10_000.0

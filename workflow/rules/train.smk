@@ -8,6 +8,7 @@ rule train:
         summaries=expand(
             out("stats/species/{species}.summary.parquet"), species=SPECIES
         ),
+        references=expand(out("references/genes/{species}.parquet"), species=SPECIES),
         gene_embeddings=training_gene_embeddings(),
         panels=training_panels(),
     output:
@@ -22,7 +23,8 @@ rule train:
     resources:
         # The profile sets these: `launcher` (python, torchrun or srun with the task layout),
         # devices per node and nodes. They are resources, not params, so switching profiles
-        # does not rerun training.
+        # does not rerun training. The trainer itself decides whether a rerun continues the
+        # run's checkpoints or starts a new identity (old files are moved aside, never deleted).
         launcher="python",
         devices=1,
         num_nodes=1,
@@ -33,7 +35,7 @@ rule train:
     shell:
         "{resources.launcher} -m cellfoundry train --settings {params.settings:q} --seed {params.seed} "
         "--manifest {input.manifest:q} --token-mappings {input.token_mappings:q} "
-        "--summaries {input.summaries:q} --gene-embeddings {input.gene_embeddings:q} "
-        "--panels {input.panels:q} "
+        "--summaries {input.summaries:q} --references {input.references:q} "
+        "--gene-embeddings {input.gene_embeddings:q} --panels {input.panels:q} "
         "--run-dir {params.run_dir:q} --devices {resources.devices} --num-nodes {resources.num_nodes} "
         "> {log:q} 2>&1"

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from cellfoundry.config import schema_default
 from cellfoundry.models.attention import SelfAttention, varlen_index
 
 __all__ = [
@@ -53,8 +54,8 @@ def activation_fn(name: str) -> nn.Module:
 class EncoderConfig:
     """Shape and behaviour of a `TranscriptomeEncoder`.
 
-    The defaults describe a Geneformer-V1-sized BERT (6 layers of width 256) except for the
-    activation (Geneformer V1 uses ReLU, V2 GELU).
+    Defaults of the keys the config sets (`train.model.*`) are the config schema's; the
+    presets (`cellfoundry.train.presets`) describe each family's encoder.
 
     Parameters
     ----------
@@ -103,23 +104,23 @@ class EncoderConfig:
     """
 
     vocab_size: int
-    d_model: int = 256
-    n_layers: int = 6
-    n_heads: int = 4
-    d_ff: int = 512
-    dropout: float = 0.02
-    attention_dropout: float = 0.02
-    max_len: int = 2048
+    d_model: int = schema_default("train.model.d_model")
+    n_layers: int = schema_default("train.model.n_layers")
+    n_heads: int = schema_default("train.model.n_heads")
+    d_ff: int = schema_default("train.model.d_ff")
+    dropout: float = schema_default("train.model.dropout")
+    attention_dropout: float = schema_default("train.model.attention_dropout")
+    max_len: int = schema_default("train.model.max_len")
     n_values: int = 0
     position: Literal["learned", "none"] = "learned"
-    norm_first: bool = False
-    activation: str = "gelu"
+    norm_first: bool = schema_default("train.model.norm_first")
+    activation: str = schema_default("train.model.activation")
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 1
     initializer_range: float = 0.02
     type_vocab_size: int = 1
     gene_embedding_dim: int | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = schema_default("train.model.gradient_checkpointing")
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads != 0:

@@ -101,7 +101,7 @@ class ValueHead(nn.Module):
     n_bins
         Output classes: the real value ids ``0 .. n_bins - 1`` (the MASK value state is never a
         target; for SEDD the outputs are the unnormalised log-scores of the real states, see
-        `cellfoundry.models.objectives.sedd_log_score`).
+        `cellfoundry.models.losses.sedd_log_score`).
     transform
         Put BERT's dense -> activation -> LayerNorm before the output layer.
     activation

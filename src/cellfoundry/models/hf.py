@@ -5,8 +5,9 @@ An encoder is exportable when ``config.is_bert_compatible``: post-LN, learned po
 token-type embedding, no value embedding, no gene-embedding adapter. The parameter mapping is
 one-to-one except for the fused qkv projection, which is split into query, key and value.
 
-The exported vocabulary is ours (``<cls>`` 0, ``<pad>`` 1, ``<mask>`` 2, genes from 3), not
-Geneformer's token dictionary; ship the token mapping CSV with the model.
+The exported vocabulary is ours (``<cls>`` 0, ``<pad>`` 1, ``<mask>`` 2, ``<eos>`` 3 for
+Geneformer V2 inputs, then genes), not Geneformer's token dictionary; ship the token mapping
+CSV with the model.
 """
 
 from __future__ import annotations

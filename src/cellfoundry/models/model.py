@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from cellfoundry.config import schema_default
 from cellfoundry.models.encoder import EncoderConfig, TranscriptomeEncoder
 from cellfoundry.models.heads import BertMLMHead, ProjectionHead, TimeEmbedding, ValueHead
 
@@ -35,7 +36,9 @@ class ModelConfig:
     projection_dim
         Width of contrastive cell embeddings.
     pooling
-        How a cell embedding is read from the hidden states: `cls` or `mean`.
+        How a cell embedding is read from the hidden states: `cls` or `mean`; None (the
+        config's default) means `cls` for a model with a cell head (scGPT trains its `<cls>`
+        embedding with GEPC), else `mean`.
     cell_head
         scGPT's gene expression prediction from the cell embedding (GEPC/MVC): a head that
         predicts a gene's value bin from (its token embedding x the cell embedding), which
@@ -44,10 +47,14 @@ class ModelConfig:
 
     objective: Objective
     encoder: EncoderConfig
-    n_bins: int = 51
+    n_bins: int = schema_default("shards.n_bins")
     projection_dim: int = 128
-    pooling: Literal["cls", "mean"] = "cls"
+    pooling: Literal["cls", "mean"] | None = schema_default("train.pooling")
     cell_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pooling is None:
+            object.__setattr__(self, "pooling", "cls" if self.cell_head else "mean")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "encoder": asdict(self.encoder)}

@@ -9,6 +9,7 @@ processes when `num_workers > 0`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +21,23 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cellfoundry.config import schema_default
 from cellfoundry.loader import ShardCollection, SparseBatch
 from cellfoundry.seeds import derive_seed
-from cellfoundry.vocabulary import CLS, MASK, PAD, TokenMapping
+from cellfoundry.vocabulary import CLS, MASK, PAD, SPECIAL_TOKENS, TokenMapping
+
+log = logging.getLogger(__name__)
 
 SPECIALS = (CLS, PAD, MASK)
+# Geneformer V2 ends each cell with <eos>; the token exists in the model, not in token mappings.
+EOS = "<eos>"
 
 
 @dataclass(frozen=True)
 class VocabularyLayout:
-    """One token space for several species: `<cls>` 0, `<pad>` 1, `<mask>` 2, then each species'
-    genes in a block of their own (species sorted by name, genes in token order).
+    """One token space for several species: the special tokens (`<cls>` 0, `<pad>` 1,
+    `<mask>` 2, and `<eos>` 3 for Geneformer V2 inputs), then each species' genes in a block of
+    their own (species sorted by name, genes in token order).
 
     Species' token mappings each start their genes at 3, so the same local id means different
     genes in different species; `local_to_global[species]` maps a species' local ids to model ids.
@@ -40,14 +47,20 @@ class VocabularyLayout:
     offsets: dict[str, int]
     local_to_global: dict[str, np.ndarray]
     n_tokens: int
+    specials: tuple[str, ...] = SPECIALS
 
     cls_id = 0
     pad_id = 1
     mask_id = 2
 
     @classmethod
-    def from_mappings(cls, mappings: Mapping[str, TokenMapping]) -> VocabularyLayout:
-        offsets, tables, start = {}, {}, len(SPECIALS)
+    def from_mappings(
+        cls, mappings: Mapping[str, TokenMapping], *, specials: Sequence[str] = SPECIALS
+    ) -> VocabularyLayout:
+        specials = tuple(specials)
+        if specials[: len(SPECIALS)] != SPECIALS:
+            raise ValueError(f"the special tokens must start with {SPECIALS}, not {specials}")
+        offsets, tables, start = {}, {}, len(specials)
         for species in sorted(mappings):
             mapping = mappings[species]
             lut = np.full(mapping.n_tokens, -1, dtype=np.int64)
@@ -57,7 +70,18 @@ class VocabularyLayout:
             lut[np.sort(genes)] = start + np.arange(len(genes))
             offsets[species], tables[species] = start, lut
             start += len(genes)
-        return cls(tuple(sorted(mappings)), offsets, tables, start)
+        return cls(tuple(sorted(mappings)), offsets, tables, start, specials)
+
+    @property
+    def n_specials(self) -> int:
+        """Model ids below this are special tokens; genes start here."""
+        return len(self.specials)
+
+    @property
+    def eos_id(self) -> int:
+        if EOS not in self.specials:
+            raise ValueError("this vocabulary layout has no <eos> token")
+        return self.specials.index(EOS)
 
     def gene_range(self, species: str) -> tuple[int, int]:
         """[low, high) model ids of a species' genes."""
@@ -65,7 +89,46 @@ class VocabularyLayout:
         return low, low + int((self.local_to_global[species] >= len(SPECIALS)).sum())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"species": list(self.species), "offsets": self.offsets, "n_tokens": self.n_tokens}
+        return {
+            "species": list(self.species),
+            "offsets": self.offsets,
+            "n_tokens": self.n_tokens,
+            "specials": list(self.specials),
+        }
+
+
+def specials_for(input_layout: str) -> tuple[str, ...]:
+    """The model's special tokens for an input layout (`train.input_layout`)."""
+    return (*SPECIALS, EOS) if input_layout == "geneformer_v2" else SPECIALS
+
+
+def restrict_genes(
+    mapping: TokenMapping, reference: pl.DataFrame, gene_types: Sequence[str], *, source: str
+) -> TokenMapping:
+    """The token mapping's genes whose `gene_type` (in the gene reference) is listed, renumbered
+    to consecutive tokens after the special tokens (scConcept's format) in their order.
+
+    Raises ValueError naming `source` when no gene is left.
+    """
+    types = reference.select("gene_id", "gene_type")
+    genes = mapping.gene_table.join(types, on="gene_id", how="left")
+    kept = genes.filter(pl.col("gene_type").is_in(list(gene_types))).sort("token")
+    if kept.height == 0:
+        found = sorted(set(genes["gene_type"].drop_nulls().to_list()))[:10]
+        raise ValueError(
+            f"train.gene_types {list(gene_types)}: no gene of the {mapping.species} token "
+            f"mapping has such a gene_type in {source} (types there: {', '.join(found) or 'none'})"
+        )
+    specials = mapping.table.filter(pl.col("gene_id").is_in(list(SPECIAL_TOKENS))).sort("token")
+    table = pl.concat(
+        [
+            specials.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("token")),
+            kept.select("gene_id", "gene_name").with_columns(
+                (pl.int_range(pl.len(), dtype=pl.Int64) + specials.height).alias("token")
+            ),
+        ]
+    )
+    return TokenMapping(mapping.species, table.select("gene_id", "gene_name", "token"))
 
 
 @dataclass(frozen=True)
@@ -76,10 +139,14 @@ class SplitData:
     layout: VocabularyLayout
     datasets: np.ndarray  # dataset index of each shard
     species: np.ndarray  # species name of each shard
+    dataset_names: tuple[str, ...] = ()  # name of each dataset index
 
     @property
     def n_cells(self) -> int:
         return len(self.collection)
+
+    def dataset_name(self, index: int) -> str:
+        return self.dataset_names[index] if self.dataset_names else str(index)
 
 
 def open_split(
@@ -96,25 +163,50 @@ def open_split(
         raise ValueError(f"the shard manifest {manifest} lists no '{split}' files")
     collection = ShardCollection(frame, mappings, medians=medians, to_model=layout.local_to_global)
     names = frame["dataset"].to_list()
-    index = {name: i for i, name in enumerate(sorted(set(names)))}
+    ordered = tuple(sorted(set(names)))
+    index = {name: i for i, name in enumerate(ordered)}
     return SplitData(
         collection,
         layout,
         np.array([index[n] for n in names]),
         np.array(frame["species"].to_list(), dtype=object),
+        ordered,
     )
+
+
+def genes_outside_vocabulary(data: SplitData) -> dict[str, tuple[int, int]]:
+    """Per dataset: (genes outside the model's vocabulary, genes), over the union of its files
+    (`loader.ShardCollection.genes_outside_vocabulary`)."""
+    return data.collection.genes_outside_vocabulary()
+
+
+def log_genes_outside_vocabulary(data: SplitData, split: str) -> None:
+    """One log line per dataset with the genes the loader drops (outside the vocabulary)."""
+    for name, (n_outside, n_genes) in genes_outside_vocabulary(data).items():
+        log.info(
+            "%s (%s): %d of %d genes are outside the model's vocabulary and dropped when loading",
+            name,
+            split,
+            n_outside,
+            n_genes,
+        )
 
 
 class BatchPlan:
     """Global batches of cell ids, epoch after epoch, from seeded permutations.
 
-    With `within_dataset`, every batch holds cells of one dataset (scConcept's batches hold one
-    dataset, hence one species); otherwise batches mix the whole split. With `length_grouped`,
-    cells of similar length share a batch: each run of `LENGTH_WINDOW` shuffled batches is
-    sorted by cell length before it is cut into batches, and the batches are shuffled again,
-    so padding shrinks while every epoch still visits every cell once in random batches.
-    With `drop_last=False` (validation) a group's last, smaller batch is kept, so a split
-    smaller than one batch still gets evaluated; it must hold at least `min_cells` cells.
+    With `within_dataset`, every batch holds cells of one species and, as far as the cells
+    allow, of one dataset (scConcept's batches hold one dataset): each dataset is cut into full
+    batches, and the remainders of a species' datasets are pooled and cut into further batches
+    of that species, so a dataset smaller than a batch is still trained on. Without it, batches
+    mix the whole split. Each epoch leaves out a different random rest of fewer than a batch per
+    pool, so every cell is reached; only a species with fewer cells than one global batch is
+    never trained on (logged as a warning). With `length_grouped`, cells of similar length share
+    a batch: each run of `LENGTH_WINDOW` shuffled batches is sorted by cell length before it is
+    cut into batches, and the batches are shuffled again, so padding shrinks while every epoch
+    still visits each cell at most once in random batches.
+    With `drop_last=False` (validation) each dataset's last, smaller batch is kept instead of
+    pooled, so every cell is evaluated; it must hold at least `min_cells` cells.
     """
 
     LENGTH_WINDOW = 64
@@ -130,6 +222,7 @@ class BatchPlan:
         drop_last: bool = True,
         min_cells: int = 1,
     ) -> None:
+        self.data = data
         self.global_batch = global_batch
         self.seed = seed
         self.within_dataset = within_dataset
@@ -137,40 +230,75 @@ class BatchPlan:
         self.lengths = data.collection.cell_lengths() if length_grouped else None
         ranges = data.collection.shard_ranges()
         groups: dict[int, list[np.ndarray]] = {}
-        for (start, stop), dataset in zip(ranges, data.datasets, strict=True):
-            groups.setdefault(int(dataset) if within_dataset else 0, []).append(
-                np.arange(start, stop)
+        species: dict[int, str] = {}
+        for (start, stop), dataset, shard_species in zip(
+            ranges, data.datasets, data.species, strict=True
+        ):
+            key = int(dataset) if within_dataset else 0
+            groups.setdefault(key, []).append(np.arange(start, stop))
+            species[key] = str(shard_species) if within_dataset else ""
+        keys = sorted(groups)
+        self.groups = [np.concatenate(groups[k]) for k in keys]
+        self.group_species = [species[k] for k in keys]
+        self.pools = sorted(set(self.group_species)) if within_dataset and drop_last else []
+        self.dataset_of_cell = np.repeat(
+            np.asarray(data.datasets, dtype=np.int64), [b - a for a, b in ranges]
+        )
+        pooled = {
+            pool: sum(
+                len(g) % global_batch
+                for g, s in zip(self.groups, self.group_species, strict=True)
+                if s == pool
             )
-        self.groups = [np.concatenate(groups[k]) for k in sorted(groups)]
-        self.batches_per_epoch = sum(self._n_batches(len(g)) for g in self.groups)
+            for pool in self.pools
+        }
+        self.batches_per_epoch = sum(self._n_batches(len(g)) for g in self.groups) + sum(
+            n // global_batch for n in pooled.values()
+        )
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"no batch of {global_batch} cells fits: the largest group has {max(len(g) for g in self.groups)} cells"
+                f"no batch of {global_batch} cells fits: the largest group has "
+                f"{max(len(g) for g in self.groups)} cells"
             )
+        self.unreachable = {}
+        for pool in self.pools:
+            total = sum(
+                len(g) for g, s in zip(self.groups, self.group_species, strict=True) if s == pool
+            )
+            if total < global_batch:
+                self.unreachable[pool] = total
         self._epoch: int | None = None
         self._plan: list[np.ndarray] = []
 
     def epoch_plan(self, epoch: int) -> list[np.ndarray]:
         if self._epoch != epoch:
             rng = np.random.default_rng(derive_seed(self.seed, "batches", epoch))
-            batches = []
-            for group in self.groups:
+            batches: list[np.ndarray] = []
+            rests: dict[str, list[np.ndarray]] = {pool: [] for pool in self.pools}
+            for group, species in zip(self.groups, self.group_species, strict=True):
                 order = rng.permutation(group)
                 n = self._n_batches(len(order))
-                if self.lengths is not None:
-                    window = self.global_batch * self.LENGTH_WINDOW
-                    order = np.concatenate(
-                        [
-                            chunk[np.argsort(self.lengths[chunk], kind="stable")]
-                            for chunk in np.split(order, range(window, len(order), window))
-                        ]
-                    )
-                batches += [
-                    order[i * self.global_batch : (i + 1) * self.global_batch] for i in range(n)
-                ]
+                batches += self._cut(order, n)
+                if self.pools:
+                    rests[species].append(order[n * self.global_batch :])
+            for pool in self.pools:
+                order = rng.permutation(np.concatenate(rests[pool]))
+                batches += self._cut(order, len(order) // self.global_batch)
             self._plan = [batches[i] for i in rng.permutation(len(batches))]
             self._epoch = epoch
         return self._plan
+
+    def _cut(self, order: np.ndarray, n: int) -> list[np.ndarray]:
+        """`n` batches from the front of `order` (length-sorted in windows when grouping)."""
+        if self.lengths is not None:
+            window = self.global_batch * self.LENGTH_WINDOW
+            order = np.concatenate(
+                [
+                    chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                    for chunk in np.split(order, range(window, len(order), window))
+                ]
+            )
+        return [order[i * self.global_batch : (i + 1) * self.global_batch] for i in range(n)]
 
     def _n_batches(self, n_cells: int) -> int:
         full, rest = divmod(n_cells, self.global_batch)
@@ -181,10 +309,50 @@ class BatchPlan:
         epoch, position = divmod(k, self.batches_per_epoch)
         return self.epoch_plan(epoch)[position]
 
+    def cells_per_dataset(self, epoch: int) -> dict[str, tuple[int, int]]:
+        """Per dataset: (cells in the batches of `epoch`, cells in the split)."""
+        cells = np.concatenate(self.epoch_plan(epoch)) if self.batches_per_epoch else []
+        n_datasets = len(self.data.dataset_names) or int(self.dataset_of_cell.max()) + 1
+        seen = np.bincount(self.dataset_of_cell[cells], minlength=n_datasets)
+        total = np.bincount(self.dataset_of_cell, minlength=n_datasets)
+        return {
+            self.data.dataset_name(i): (int(seen[i]), int(total[i]))
+            for i in range(n_datasets)
+            if total[i]
+        }
+
+    def log_epoch(self, epoch: int) -> None:
+        """Log the cells of each dataset that `epoch` trains on."""
+        log.info(
+            "epoch %d: %d batches of %d cells; cells per dataset: %s",
+            epoch,
+            self.batches_per_epoch,
+            self.global_batch,
+            ", ".join(
+                f"{name} {seen}/{total}"
+                for name, (seen, total) in self.cells_per_dataset(epoch).items()
+            ),
+        )
+        for species, n in self.unreachable.items():
+            log.warning(
+                "%s: %d training cells, fewer than one global batch of %d: never trained on",
+                species,
+                n,
+                self.global_batch,
+            )
+
 
 class PlannedBatches(Sampler):
-    """Yields (k, this rank's cells of global batch k) for k = start, start+1, ... (endless) or
-    for the first `limit` batches (validation)."""
+    """Yields (k, this rank's cells of global batch k, n_padding) for k = start, start+1, ...
+    (endless) or for the first `limit` batches (validation).
+
+    Every rank gets the same number of cells, so every collective (the contrastive all-gather
+    of embeddings above all) sees equal shapes: a global batch that does not split evenly (a
+    last validation batch) is split as evenly as it can be, and each shorter slice is padded
+    with copies of its first cell; the last `n_padding` cells of a slice are padding, which
+    the collate marks (`cell_mask`) and the losses leave out. With `log_epochs`, the start of
+    every epoch is logged with its cells per dataset.
+    """
 
     def __init__(
         self,
@@ -194,20 +362,28 @@ class PlannedBatches(Sampler):
         world_size: int,
         start: int = 0,
         limit: int | None = None,
+        log_epochs: bool = False,
     ) -> None:
         self.plan, self.rank, self.world_size = plan, rank, world_size
-        self.start, self.limit = start, limit
+        self.start, self.limit, self.log_epochs = start, limit, log_epochs
         if plan.global_batch % world_size:
             raise ValueError(
                 f"global batch {plan.global_batch} does not split over {world_size} ranks"
             )
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, int]]:
         k = self.start
+        epoch = None
         while self.limit is None or k < self.limit:
-            cells = self.plan.batch(k)
-            # Equal slices for full batches; a last validation batch splits as evenly as it can.
-            yield k, np.array_split(cells, self.world_size)[self.rank]
+            if self.log_epochs and k // self.plan.batches_per_epoch != epoch:
+                epoch = k // self.plan.batches_per_epoch
+                self.plan.log_epoch(epoch)
+            parts = np.array_split(self.plan.batch(k), self.world_size)
+            mine = parts[self.rank]
+            n_padding = len(parts[0]) - len(mine)
+            if n_padding:
+                mine = np.concatenate([mine, np.repeat(mine[:1], n_padding)])
+            yield k, mine, n_padding
             k += 1
 
     def __len__(self) -> int:
@@ -273,15 +449,35 @@ class CellNoise:
 
 
 class CollatedBatches(Dataset):
-    """Map (k, cells) to a tokenized batch: gather from the shards, then the objective's collate."""
+    """Map (k, cells, n_padding) to a tokenized batch: gather from the shards, the objective's
+    collate, then `cell_mask` (False on padding cells, see `PlannedBatches`)."""
 
     def __init__(self, data: SplitData, collate: Any, *, seed: int) -> None:
         self.data, self.collate, self.seed = data, collate, seed
 
-    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
-        k, cells = item
+    def __getitem__(self, item: tuple[int, np.ndarray, int]) -> dict[str, Any]:
+        k, cells, n_padding = item
         batch: SparseBatch = self.data.collection.gather(cells)
-        return self.collate(batch, self.data, CellNoise(self.seed, k, batch.cells))
+        valid = np.ones(len(batch), dtype=bool)
+        if n_padding:
+            # The padding copies one cell; gather sorts, so mark the last copies of it.
+            copies = np.flatnonzero(batch.cells == cells[-1])
+            valid[copies[len(copies) - n_padding :]] = False
+        out = self.collate(batch, self.data, CellNoise(self.seed, k, batch.cells))
+        return mask_cells(out, valid)
+
+
+def mask_cells(batch: dict[str, Any], valid: np.ndarray) -> dict[str, Any]:
+    """Add `cell_mask` [B] (True for real cells) and clear `loss_mask` on padding cells."""
+    mask = torch.from_numpy(np.asarray(valid, dtype=bool))
+    batch["cell_mask"] = mask
+    if "loss_mask" in batch:
+        if "cu_seqlens" in batch:
+            lengths = torch.diff(batch["cu_seqlens"]).long()
+            batch["loss_mask"] = batch["loss_mask"] & torch.repeat_interleave(mask, lengths)
+        else:
+            batch["loss_mask"] = batch["loss_mask"] & mask[:, None]
+    return batch
 
     def __len__(self) -> int:  # required by Dataset's protocol; batches are addressed by plan
         return self.data.n_cells
@@ -312,6 +508,8 @@ class ShardDataModule(L.LightningDataModule):
         Loader worker processes (0: load in the training process).
     medians
         Species -> gene summary with `nonzero_median` (rank-ordered tokenization).
+    specials
+        The model's special tokens (`specials_for` the input layout).
     """
 
     def __init__(
@@ -323,17 +521,18 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: int,
         seed: int,
         within_dataset: bool = False,
-        length_grouped: bool = False,
-        val_batches: int = 20,
-        num_workers: int = 0,
+        length_grouped: bool = schema_default("train.length_grouped"),
+        val_batches: int = schema_default("train.val_batches"),
+        num_workers: int = schema_default("train.num_workers"),
         medians: Mapping[str, pl.DataFrame] | None = None,
+        specials: Sequence[str] = SPECIALS,
     ) -> None:
         super().__init__()
         self.manifest, self.mappings, self.collate = Path(manifest), dict(mappings), collate
         self.batch_size, self.seed, self.within_dataset = batch_size, seed, within_dataset
         self.length_grouped = length_grouped
         self.val_batches, self.num_workers, self.medians = val_batches, num_workers, medians
-        self.layout = VocabularyLayout.from_mappings(self.mappings)
+        self.layout = VocabularyLayout.from_mappings(self.mappings, specials=specials)
         self.train: SplitData | None = None
         self.val: SplitData | None = None
 
@@ -347,6 +546,10 @@ class ShardDataModule(L.LightningDataModule):
                 self.val = open_split(
                     self.manifest, "val", self.mappings, self.layout, medians=self.medians
                 )
+            if self._world()[0] == 0:
+                for name, split in (("train", self.train), ("val", self.val)):
+                    if split is not None:
+                        log_genes_outside_vocabulary(split, name)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -365,7 +568,9 @@ class ShardDataModule(L.LightningDataModule):
         start = 0
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
-        sampler = PlannedBatches(plan, rank=rank, world_size=world, start=start)
+        sampler = PlannedBatches(
+            plan, rank=rank, world_size=world, start=start, log_epochs=rank == 0
+        )
         return self._loader(self.train, sampler, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -396,7 +601,10 @@ class ShardDataModule(L.LightningDataModule):
 
 
 def n_cells(batch: Mapping[str, Any]) -> int:
-    """Cells in a model batch (either layout; contrastive batches hold two views of them)."""
+    """Real cells in a model batch (either layout; contrastive batches hold two views of them;
+    padding cells, see `cell_mask`, do not count)."""
+    if "cell_mask" in batch:
+        return int(batch["cell_mask"].sum())
     if "a" in batch:
         batch = batch["a"]
     if "cu_seqlens" in batch:

@@ -1,20 +1,27 @@
 """The exported model: `model.safetensors`, `config.json` and the token mappings it was trained with.
 
-Layout of `<project>/model_checkpoints/<run>/final/`::
+Layout of an export folder::
 
     model.safetensors                  CellModel state dict (tied weights stored once)
     config.json                        architecture, objective, vocabulary layout, settings
-    token_mappings/<species>.csv       the token mappings used (scConcept format)
+    token_mappings/<species>.csv       the token mappings used (scConcept format; restricted
+                                       to the model's genes when `gene_types` is set)
     gene_summaries/<species>.parquet   per-gene statistics (Geneformer medians for rank order)
+    references/<species>.parquet       the gene references (symbols for `embed-cells`)
     panels/<species>/<panel>.csv       panels the objective used (contrastive, diffusion)
 
-`load_pretrained(folder)` rebuilds the model; its outputs equal the trained model's.
+A run writes `model_checkpoints/<run>/exports/<identity>-step<N>/` and publishes it as
+`model_checkpoints/<run>/final/` (hard links, `publish`), so that a later run under the same
+name never overwrites an earlier export. `load_pretrained(folder)` rebuilds the model; its
+outputs equal the trained model's.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +30,10 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from cellfoundry import __version__
-from cellfoundry.io import read_json, write_json
+from cellfoundry.io import read_json, remove, write_json
 from cellfoundry.models.model import CellModel, ModelConfig
-from cellfoundry.train.data import VocabularyLayout
-from cellfoundry.vocabulary import TokenMapping, read_token_mapping
+from cellfoundry.train.data import SPECIALS, VocabularyLayout
+from cellfoundry.vocabulary import TokenMapping, read_token_mapping, write_token_mapping
 
 FORMAT = "cellfoundry-model"
 FORMAT_VERSION = 1
@@ -35,22 +42,42 @@ FORMAT_VERSION = 1
 def export_model(
     model: CellModel,
     layout: VocabularyLayout,
-    token_mapping_paths: dict[str, Path],
+    mappings: dict[str, TokenMapping],
     out_dir: str | Path,
     *,
     metadata: dict[str, Any],
     extra_files: dict[str, Path] | None = None,
 ) -> Path:
-    """Write the model folder (see module docstring) and return it.
+    """Write the model folder (see module docstring), atomically, and return it.
 
     A BERT-shaped Geneformer model is written in the Hugging Face layout (`config.json` is a
     `BertConfig` with our keys added, weights under `BertForMaskedLM` names), so that
     `transformers.BertForMaskedLM.from_pretrained(folder)` loads it; `load_pretrained` reads
     both layouts. `extra_files` are copied in under their relative names (gene summaries for
-    rank order, the panels the objective used).
+    rank order, gene references, the panels the objective used).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = Path(out_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.partial-", dir=final_dir.parent))
+    try:
+        _write_export(model, layout, mappings, out_dir, metadata, extra_files or {})
+        remove(final_dir)
+        os.replace(out_dir, final_dir)
+    except BaseException:
+        remove(out_dir)
+        raise
+    return final_dir
+
+
+def _write_export(
+    model: CellModel,
+    layout: VocabularyLayout,
+    mappings: dict[str, TokenMapping],
+    out_dir: Path,
+    metadata: dict[str, Any],
+    extra_files: dict[str, Path],
+) -> None:
+    os.chmod(out_dir, 0o755)  # mkdtemp makes owner-only folders
     model = model.to("cpu").float().eval()
     hf_config: dict[str, Any] = {}
     if is_hf_bert(model):
@@ -63,9 +90,9 @@ def export_model(
     os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors writes owner-only files
     folder = out_dir / "token_mappings"
     folder.mkdir(exist_ok=True)
-    for species, path in sorted(token_mapping_paths.items()):
-        shutil.copyfile(path, folder / f"{species}.csv")
-    for relative, path in sorted((extra_files or {}).items()):
+    for species, mapping in sorted(mappings.items()):
+        write_token_mapping(mapping, folder / f"{species}.csv")
+    for relative, path in sorted(extra_files.items()):
         (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, out_dir / relative)
     write_json(
@@ -77,11 +104,38 @@ def export_model(
             "cellfoundry": __version__,
             "model": model.config.to_dict(),
             "vocabulary": layout.to_dict(),
-            "token_mappings": {s: f"token_mappings/{s}.csv" for s in sorted(token_mapping_paths)},
+            "token_mappings": {s: f"token_mappings/{s}.csv" for s in sorted(mappings)},
             **metadata,
         },
     )
-    return out_dir
+
+
+def publish(export_dir: Path, final: Path) -> None:
+    """Make `final` a copy of `export_dir` made of hard links (plain copies where the file
+    system has none). An older `final/` whose files exist nowhere else (written before
+    exports were kept) moves to `superseded/<UTC time>-final/` first; nothing is deleted."""
+    staging = Path(tempfile.mkdtemp(prefix=".final.partial-", dir=final.parent))
+    os.chmod(staging, 0o755)
+    for source in sorted(export_dir.rglob("*")):
+        target = staging / source.relative_to(export_dir)
+        if source.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+    if final.exists():
+        sole = [p for p in final.rglob("*") if p.is_file() and p.stat().st_nlink == 1]
+        if sole:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            aside = final.parent / "superseded" / f"{stamp}-final"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(final, aside)
+        else:
+            remove(final)  # links only: every file lives on in exports/
+    os.replace(staging, final)
 
 
 def load_pretrained(
@@ -104,7 +158,8 @@ def load_pretrained(
     else:
         load_model(model, str(folder / "model.safetensors"), device=str(device))
     mappings = load_token_mappings(folder, config)
-    layout = VocabularyLayout.from_mappings(mappings)
+    specials = config.get("vocabulary", {}).get("specials", SPECIALS)
+    layout = VocabularyLayout.from_mappings(mappings, specials=specials)
     return model.eval(), layout, config
 
 

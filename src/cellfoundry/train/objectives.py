@@ -1,7 +1,7 @@
 """Training objectives: how a batch of cells becomes model inputs (`collate`) and a loss (`loss`).
 
 Each objective pairs a tokenization of one family of the field (`notes/formats.md` section 3)
-with the loss math of `cellfoundry.models.objectives`:
+with the loss math of `cellfoundry.models.losses`:
 
 - `binned_mlm`: scGPT-style gene + value-bin tokens, masked value modeling;
 - `geneformer_mlm`: Geneformer rank-value tokens, masked gene modeling (15%, 80/10/10);
@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cellfoundry.config import schema_default
 from cellfoundry.loader import SparseBatch
-from cellfoundry.models import objectives as math
+from cellfoundry.models import losses
 from cellfoundry.models.model import CellModel
 from cellfoundry.train.data import (
     CellNoise,
@@ -43,15 +44,36 @@ def _with_cls(
     lengths: np.ndarray, *columns: tuple[np.ndarray, int]
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Prepend one position per cell holding the given fill value to each packed column."""
-    cu = pack(lengths + 1)
-    out = []
-    body = np.ones(int(cu[-1]), dtype=bool)
-    body[cu[:-1]] = False
-    for values, fill in columns:
-        array = np.full(int(cu[-1]), fill, dtype=values.dtype)
-        array[body] = values
-        out.append(array)
+    cu, out, _ = _with_specials(lengths, *[(values, fill, None) for values, fill in columns])
     return cu, out
+
+
+def _with_specials(
+    lengths: np.ndarray, *columns: tuple[np.ndarray, int | None, int | None]
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Frame each cell of packed columns with a first and/or a last special position.
+
+    Each column is (values, head fill, tail fill); None leaves that position out (the same
+    for every column). Returns cu_seqlens, the framed columns and the special positions.
+    """
+    head = columns[0][1] is not None
+    tail = columns[0][2] is not None
+    cu = pack(lengths + int(head) + int(tail))
+    special = np.zeros(int(cu[-1]), dtype=bool)
+    if head:
+        special[cu[:-1]] = True
+    if tail:
+        special[cu[1:] - 1] = True
+    out = []
+    for values, head_fill, tail_fill in columns:
+        array = np.empty(int(cu[-1]), dtype=values.dtype)
+        array[~special] = values
+        if head:
+            array[cu[:-1]] = head_fill
+        if tail:
+            array[cu[1:] - 1] = tail_fill
+        out.append(array)
+    return cu, out, special
 
 
 def _ranked_in_groups(keys: np.ndarray, groups: np.ndarray, limit: int) -> np.ndarray:
@@ -77,9 +99,9 @@ class BinnedMLM:
 
     max_len: int
     n_bins: int
-    mask_ratio: float = 0.15
-    gene_selection: str = "random"
-    padding_free: bool = False
+    mask_ratio: float = schema_default("train.mask_ratio")
+    gene_selection: str = schema_default("train.gene_selection")
+    padding_free: bool = schema_default("train.padding_free")
 
     name: ClassVar[str] = "binned_mlm"
     within_dataset: ClassVar[bool] = False
@@ -108,7 +130,7 @@ class BinnedMLM:
         special = np.zeros(len(tokens), dtype=bool)
         special[cu[:-1]] = True
         if train:
-            inputs, targets, mask = math.mask_values(
+            inputs, targets, mask = losses.mask_values(
                 torch.from_numpy(values),
                 torch.from_numpy(special),
                 mask_ratio=self.mask_ratio,
@@ -128,12 +150,12 @@ class BinnedMLM:
         mask = batch["loss_mask"]
         targets = batch["targets"][mask]
         logits = model.value_head(hidden, mask)
-        loss, accuracy = math.masked_cross_entropy(logits, targets)
+        loss, accuracy = losses.masked_cross_entropy(logits, targets)
         out = {"loss": loss, "accuracy": accuracy, "count": mask.sum()}
         if model.cell_head is not None:
             # scGPT's GEPC: the masked genes' bins again, this time from the cell embedding alone.
             cell = model.pool(hidden, batch)[_cell_of_positions(batch)[mask]]
-            cell_loss, cell_accuracy = math.masked_cross_entropy(
+            cell_loss, cell_accuracy = losses.masked_cross_entropy(
                 model.predict_from_cell(cell, batch["tokens"][mask]), targets
             )
             out |= {
@@ -160,15 +182,18 @@ class GeneformerMLM:
     """Geneformer: rank-value encoding and masked gene modeling.
 
     Each cell's genes are ranked by count / cell total x 10,000 / the gene's non-zero median
-    over the species' corpus (applied by the loader), the top `max_len - 1` follow `<cls>`,
-    and 15% of gene positions are masked BERT-style (80% `<mask>`, 10% a random gene, 10%
-    unchanged); the loss is the cross-entropy of the original gene token.
+    over the species' corpus (applied by the loader) and the top ones fill the input layout:
+    `cls` = `<cls>` + `max_len - 1` genes; `geneformer_v1` = `max_len` genes and no special
+    token (Geneformer V1, 2,048); `geneformer_v2` = `<cls>` + `max_len - 2` genes + `<eos>`
+    (Geneformer V2, 4,096). 15% of gene positions are masked BERT-style (80% `<mask>`, 10% a
+    random gene, 10% unchanged); the loss is the cross-entropy of the original gene token.
     """
 
     max_len: int
     n_bins: int
-    mask_ratio: float = 0.15
-    padding_free: bool = False
+    mask_ratio: float = schema_default("train.mask_ratio")
+    padding_free: bool = schema_default("train.padding_free")
+    input_layout: str = schema_default("train.input_layout")
 
     name: ClassVar[str] = "geneformer_mlm"
     within_dataset: ClassVar[bool] = False
@@ -176,25 +201,30 @@ class GeneformerMLM:
     def model_options(self) -> dict[str, Any]:
         return {"n_values": 0, "position": "learned"}
 
+    @property
+    def n_genes(self) -> int:
+        """Genes per cell at most (`max_len` less the layout's special tokens)."""
+        return self.max_len - {"cls": 1, "geneformer_v1": 0, "geneformer_v2": 2}[self.input_layout]
+
     def collate(
         self, batch: SparseBatch, data: SplitData, noise: CellNoise, *, train: bool = True
     ) -> dict[str, Tensor]:
         layout = data.layout
-        offsets, ranked = data.collection.rank_batch(batch, max_len=self.max_len - 1)
+        offsets, ranked = data.collection.rank_batch(batch, max_len=self.n_genes)
         lengths = np.diff(offsets)
-        tokens = ranked.astype(np.int64)
-        cu, (tokens,) = _with_cls(lengths, (tokens, layout.cls_id))
-        special = np.zeros(len(tokens), dtype=bool)
-        special[cu[:-1]] = True
+        tokens = ranked.astype(np.int64)  # already the model's token ids (loader.TokenSpace)
+        head = None if self.input_layout == "geneformer_v1" else layout.cls_id
+        tail = layout.eos_id if self.input_layout == "geneformer_v2" else None
+        cu, (tokens,), special = _with_specials(lengths, (tokens, head, tail))
         if train:
-            inputs, _, mask = math.mask_tokens_bert(
+            inputs, _, mask = losses.mask_tokens_bert(
                 torch.from_numpy(tokens),
                 torch.from_numpy(special),
                 mask_ratio=self.mask_ratio,
                 mask_token_id=layout.mask_id,
-                vocab_low=3,
+                vocab_low=layout.n_specials,
                 vocab_high=layout.n_tokens,
-                generator=noise.for_rows(lengths + 1).entries,
+                generator=noise.for_rows(np.diff(cu)).entries,
             )
             flat = {"tokens": inputs.numpy(), "targets": tokens, "loss_mask": mask.numpy()}
         else:
@@ -211,7 +241,7 @@ class GeneformerMLM:
         hidden = model.encode(batch)
         mask = batch["loss_mask"]
         logits = model.mlm_head(hidden, mask)
-        loss, accuracy = math.masked_cross_entropy(logits, batch["targets"][mask])
+        loss, accuracy = losses.masked_cross_entropy(logits, batch["targets"][mask])
         return {"loss": loss, "accuracy": accuracy, "count": mask.sum()}
 
 
@@ -231,8 +261,8 @@ class Contrastive:
     max_len: int
     n_bins: int
     panels: Mapping[str, list[np.ndarray]] = field(default_factory=dict)
-    panel_max_drop_rate: float = 0.5
-    padding_free: bool = False
+    panel_max_drop_rate: float = schema_default("train.panel_max_drop_rate")
+    padding_free: bool = schema_default("train.padding_free")
 
     name: ClassVar[str] = "contrastive"
     within_dataset: ClassVar[bool] = True
@@ -283,9 +313,13 @@ class Contrastive:
         )
 
     def loss(self, model: CellModel, batch: dict[str, Any]) -> dict[str, Tensor]:
-        z_a = math.gather_with_grad(model.cell_embedding(batch["a"]))
-        z_b = math.gather_with_grad(model.cell_embedding(batch["b"]))
-        loss = math.clip_loss(z_a, z_b, model.logit_scale)
+        z_a = losses.gather_with_grad(model.cell_embedding(batch["a"]))
+        z_b = losses.gather_with_grad(model.cell_embedding(batch["b"]))
+        # Every rank gathers equal shapes (padded validation batches); padding cells drop out.
+        valid = _cell_mask(batch, len(z_a) // _world_size(), z_a.device)
+        valid = losses.gather_with_grad(valid.float()).bool()
+        z_a, z_b = z_a[valid], z_b[valid]
+        loss = losses.clip_loss(z_a, z_b, model.logit_scale)
         with torch.no_grad():
             similarity = (
                 torch.nn.functional.normalize(z_a.float(), dim=-1)
@@ -310,7 +344,7 @@ class Diffusion:
     absorbing state is `n_bins`. A time t is drawn per cell (low-discrepancy over the batch),
     sigma(t) = -log(1 - (1 - eps) t), each position is absorbed with probability
     1 - exp(-sigma), and the loss is SEDD's score entropy on absorbed positions, weighted by
-    dsigma (`cellfoundry.models.objectives.sedd_score_entropy_loss`). Batches hold one dataset,
+    dsigma (`cellfoundry.models.losses.sedd_score_entropy_loss`). Batches hold one dataset,
     hence one panel.
     """
 
@@ -318,7 +352,7 @@ class Diffusion:
     n_bins: int
     panels: Mapping[str, list[np.ndarray]] = field(default_factory=dict)
     noise_eps: float = 1e-3
-    padding_free: bool = False
+    padding_free: bool = schema_default("train.padding_free")
 
     name: ClassVar[str] = "diffusion"
     within_dataset: ClassVar[bool] = True
@@ -354,12 +388,12 @@ class Diffusion:
         }
         if train:
             # t per cell (not stratified over the batch, which would tie a cell to its batch mates).
-            t = math.sample_diffusion_times(
+            t = losses.sample_diffusion_times(
                 len(batch), eps=self.noise_eps, generator=noise.cells_uniform
             )
-            sigma, dsigma = math.loglinear_noise(t, eps=self.noise_eps)
+            sigma, dsigma = losses.loglinear_noise(t, eps=self.noise_eps)
             noise.for_rows(np.full(len(batch), len(genes)))
-            absorbed = math.absorb(
+            absorbed = losses.absorb(
                 out["values"].reshape(-1),
                 sigma.repeat_interleave(len(genes)),
                 mask_value_id=self.n_bins,
@@ -376,16 +410,20 @@ class Diffusion:
     def loss(self, model: CellModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         condition = model.time_embedding(batch["sigma"])
         output = model.value_head(model.encode(batch, condition=condition))
-        log_score = math.sedd_log_score(output, batch["sigma"])
-        loss = math.sedd_score_entropy_loss(
+        log_score = losses.sedd_log_score(output, batch["sigma"])
+        per_position = losses.sedd_score_entropy_loss(
             log_score,
             batch["values"],
             batch["targets"],
             batch["sigma"],
             batch["dsigma"],
             mask_value_id=self.n_bins,
+            reduction="none",
         )
-        absorbed = batch["values"] == self.n_bins
+        valid = _cell_mask(batch, len(batch["values"]), per_position.device)
+        # SEDD's mean over cells, over real cells only (validation pads with copies).
+        loss = per_position[valid].sum() / valid.sum().clamp_min(1)
+        absorbed = (batch["values"] == self.n_bins) & valid[:, None]
         with torch.no_grad():
             accuracy = (output.argmax(-1)[absorbed] == batch["targets"][absorbed]).float().mean()
         return {"loss": loss, "accuracy": accuracy}
@@ -411,13 +449,13 @@ class Diffusion:
         def model_fn(x: Tensor, sigma: Tensor) -> Tensor:
             sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
             batch = {"tokens": tokens, "values": x, "padding_mask": padding}
-            return math.sedd_log_score(
+            return losses.sedd_log_score(
                 model.value_head(model.encode(batch, condition=model.time_embedding(sigma))), sigma
             )
 
         generator = torch.Generator(device=device).manual_seed(seed)
         with torch.inference_mode():
-            cells = math.sample_absorbing(
+            cells = losses.sample_absorbing(
                 model_fn,
                 len(genes),
                 steps,
@@ -428,6 +466,20 @@ class Diffusion:
                 device=device,
             )
         return cells.cpu().numpy()
+
+
+def _cell_mask(batch: dict[str, Any], n: int, device: torch.device) -> Tensor:
+    """True for the real cells of a batch (all of them when it has no `cell_mask`)."""
+    mask = batch.get("cell_mask")
+    if mask is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    return mask.to(device)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 OBJECTIVES = {o.name: o for o in (BinnedMLM, GeneformerMLM, Contrastive, Diffusion)}

@@ -1,8 +1,12 @@
 """Presets: one config choice away from each family's anchor model.
 
-A preset fills the `train` section under the user's own values (anything set in the config
-wins). Sizes follow the published models; optimisation follows their papers where it is
-scale-independent (learning rate, masking), while steps and batch size stay the config's.
+Precedence: the schema's defaults < the preset < what the user set (the config file and the
+command line, which Snakemake merges before we see them). A preset sets everything its family
+needs (objective, architecture, input layout, gene set, gene embeddings, pooling), so choosing
+one from the command line alone gives that family's model; the shipped `config/config.yaml`
+names the `small` preset instead of pinning model keys. Sizes follow the published models;
+optimisation follows their papers where it is scale-independent (learning rate, masking), while
+steps and batch size stay the config's.
 """
 
 from __future__ import annotations
@@ -10,10 +14,21 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+# Geneformer's vocabulary: protein-coding and miRNA genes (Theodoris et al. 2023, Methods).
+GENEFORMER_GENE_TYPES = ["protein_coding", "miRNA"]
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # Geneformer V1 (Theodoris et al. 2023): 6 layers, width 256, 4 heads, 2,048 rank tokens.
+    # The quick start's model: the schema's small binned-MLM model (minutes on a CPU) with the
+    # corpus' coexpression gene embeddings.
+    "small": {"objective": "binned_mlm", "gene_embeddings": "coexpression"},
+    # Geneformer V1-10M (Theodoris et al. 2023): 6 layers, width 256, 4 heads, ReLU, 2,048
+    # rank-ordered genes and no special token; cell embedding = mean over genes.
     "geneformer_10m": {
         "objective": "geneformer_mlm",
+        "input_layout": "geneformer_v1",
+        "gene_types": GENEFORMER_GENE_TYPES,
+        "gene_embeddings": None,
+        "pooling": "mean",
         "mask_ratio": 0.15,
         "model": {
             "d_model": 256,
@@ -28,18 +43,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "optimizer": {"lr": 1.0e-3, "weight_decay": 0.001, "warmup_steps": 10_000},
     },
-    # Geneformer V2-104M scale: 12 layers, width 768, 12 heads, at 2,048 tokens.
+    # Geneformer V2-104M (Chen et al. 2024): 12 layers, width 768, 12 heads, ReLU as in every
+    # published Geneformer config; <cls> + 4,094 genes + <eos> over 4,096 positions; cell
+    # embedding = <cls>.
     "geneformer_106m": {
         "objective": "geneformer_mlm",
+        "input_layout": "geneformer_v2",
+        "gene_types": GENEFORMER_GENE_TYPES,
+        "gene_embeddings": None,
+        "pooling": "cls",
         "mask_ratio": 0.15,
         "model": {
             "d_model": 768,
             "n_layers": 12,
             "n_heads": 12,
             "d_ff": 3072,
-            "max_len": 2048,
+            "max_len": 4096,
             "norm_first": False,
-            "activation": "gelu",
+            "activation": "relu",
             "dropout": 0.02,
             "attention_dropout": 0.02,
         },
@@ -48,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # scGPT whole-human: 12 layers, width 512, 8 heads, 51 bins, 1,200 genes per cell.
     "scgpt": {
         "objective": "binned_mlm",
+        "input_layout": "cls",
         "mask_ratio": 0.4,
         "gene_selection": "random",
         "model": {
@@ -66,6 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # scConcept ContrastiveModel: 8 layers, width 512, 8 heads, 1,000 rank-ordered genes.
     "scconcept": {
         "objective": "contrastive",
+        "input_layout": "cls",
         "panel_max_drop_rate": 0.5,
         "model": {
             "d_model": 512,
@@ -98,6 +121,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Presets whose export is promised to load in Hugging Face's BertForMaskedLM, and the values
+# that this needs (a post-LN BERT without a gene-embedding adapter).
+HF_BERT_PRESETS = ("geneformer_10m", "geneformer_106m")
+HF_BERT_NEEDS = {
+    "objective": "geneformer_mlm",
+    "gene_embeddings": None,
+    "model.norm_first": False,
+}
+
 
 def apply_preset(train: dict[str, Any]) -> dict[str, Any]:
     """The `train` section with its preset's values filled in under the user's."""
@@ -109,6 +141,43 @@ def apply_preset(train: dict[str, Any]) -> dict[str, Any]:
             f"train.preset: unknown preset {name!r}; presets are {', '.join(sorted(PRESETS))}"
         )
     return _merge(copy.deepcopy(PRESETS[name]), train)
+
+
+def check_train_settings(train: dict[str, Any]) -> None:
+    """Refuse settings that contradict each other or break what the preset promises.
+
+    Raises ValueError with one line naming the keys.
+    """
+    preset = train.get("preset")
+    if preset in HF_BERT_PRESETS:
+        broken = [
+            f"train.{key}={_get(train, key)!r}"
+            for key, needed in HF_BERT_NEEDS.items()
+            if _get(train, key) != needed
+        ]
+        if broken:
+            raise ValueError(
+                f"train.preset {preset} exports a Hugging Face BertForMaskedLM, which "
+                f"{', '.join(broken)} would break (needs "
+                + ", ".join(f"train.{k}={v!r}" for k, v in HF_BERT_NEEDS.items())
+                + "); drop these settings or choose no preset"
+            )
+    layout = train.get("input_layout", "cls")
+    if layout != "cls" and train.get("objective") != "geneformer_mlm":
+        raise ValueError(
+            f"train.input_layout={layout!r} is a Geneformer layout; "
+            f"train.objective={train.get('objective')!r} reads cells as <cls> + genes (input_layout 'cls')"
+        )
+    if layout == "geneformer_v1" and train.get("pooling") == "cls":
+        raise ValueError(
+            "train.pooling='cls' needs a <cls> token, which train.input_layout='geneformer_v1' has not"
+        )
+
+
+def _get(values: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        values = values.get(part, {}) if isinstance(values, dict) else {}
+    return None if values == {} else values
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -3,39 +3,81 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from cellfoundry.config import schema_default
 from cellfoundry.models.model import CellModel, ModelConfig
+from cellfoundry.seeds import derive_seed
 from cellfoundry.train.data import n_cells
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warmup then cosine decay to `min_lr_ratio` x `lr` at `max_steps`."""
+    """AdamW with a learning-rate schedule over `max_steps` (see `lr_factor`).
 
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    max_steps: int = 1000
-    min_lr_ratio: float = 0.1
+    Defaults are the config schema's (`train.optimizer.*`, `train.max_steps`).
+    """
+
+    lr: float = schema_default("train.optimizer.lr")
+    weight_decay: float = schema_default("train.optimizer.weight_decay")
+    betas: tuple[float, float] = field(
+        default_factory=lambda: tuple(schema_default("train.optimizer.betas"))
+    )
+    eps: float = schema_default("train.optimizer.eps")
+    warmup_steps: int = schema_default("train.optimizer.warmup_steps")
+    max_steps: int = schema_default("train.max_steps")
+    min_lr_ratio: float = schema_default("train.optimizer.min_lr_ratio")
+    schedule: Literal["wsd", "cosine"] = schema_default("train.optimizer.schedule")
+    decay_fraction: float = schema_default("train.optimizer.decay_fraction")
+
+    @property
+    def decay_start(self) -> int:
+        """First step whose learning rate depends on `max_steps`: the start of the wsd decay,
+        the end of warmup for cosine."""
+        if self.schedule == "cosine":
+            return self.warmup_steps
+        return max(self.warmup_steps, self.max_steps - round(self.decay_fraction * self.max_steps))
 
 
 def lr_factor(step: int, config: OptimizerConfig) -> float:
-    """Learning-rate multiplier at an optimizer step."""
+    """Learning-rate multiplier at an optimizer step (0-based).
+
+    Both schedules warm up linearly over `warmup_steps`. `wsd` (warmup-stable-decay) then holds
+    the rate and decays it over the last `decay_fraction` of `max_steps` as 1 - sqrt(progress)
+    down to `min_lr_ratio` (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations", which finds a 20% 1-sqrt cooldown on par with cosine).
+    Runs of different lengths share every step before `decay_start`, which is what makes
+    raising `max_steps` well-posed: the run continues from a checkpoint taken before the decay
+    and equals a run planned that long from the start. `cosine` decays from the end of warmup
+    to `min_lr_ratio` at `max_steps`.
+    """
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    span = max(config.max_steps - config.warmup_steps, 1)
-    progress = min((step - config.warmup_steps) / span, 1.0)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (
-        1 + math.cos(math.pi * progress)
-    )
+    floor = config.min_lr_ratio
+    start = config.decay_start
+    if config.schedule == "wsd" and step < start:
+        return 1.0
+    progress = min((step - start) / max(config.max_steps - start, 1), 1.0)
+    if config.schedule == "wsd":
+        return floor + (1 - floor) * (1 - math.sqrt(progress))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def shared_steps(a: OptimizerConfig, b: OptimizerConfig) -> int | None:
+    """How many leading optimizer steps two recipes train alike (None: all of them).
+
+    A checkpoint taken at step s of one run is a valid start of the other iff s <= this.
+    """
+    if a == b:
+        return None
+    if {**asdict(a), "max_steps": 0} != {**asdict(b), "max_steps": 0}:
+        return 0
+    return min(a.decay_start, b.decay_start)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -72,6 +114,9 @@ class PretrainingSystem(L.LightningModule):
         The optimisation recipe.
     gene_embeddings
         Optional frozen gene embeddings [vocab, dim] for the encoder's adapter.
+    seed
+        Seed of dropout: each training micro-batch reseeds torch from (seed, step, micro-batch,
+        rank), so dropout does not depend on validation, resumption or data-loader workers.
     """
 
     def __init__(
@@ -80,11 +125,15 @@ class PretrainingSystem(L.LightningModule):
         objective: Any,
         optimizer: OptimizerConfig,
         gene_embeddings: Tensor | None = None,
+        *,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = CellModel(model_config, gene_embeddings)
         self.objective = objective
         self.optimizer_config = optimizer
+        self.seed = seed
+        self._micro = (-1, 0)  # (optimizer step, micro-batch within it)
         self.save_hyperparameters(
             {
                 "model": model_config.to_dict(),
@@ -93,6 +142,11 @@ class PretrainingSystem(L.LightningModule):
             },
             logger=True,
         )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step, micro = self._micro
+        self._micro = (self.global_step, micro + 1 if step == self.global_step else 0)
+        torch.manual_seed(derive_seed(self.seed, "dropout", *self._micro, self.global_rank))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.objective.loss(self.model, batch)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cellfoundry.models.objectives import (
+from cellfoundry.models.losses import (
     IGNORE_INDEX,
     absorb,
     clip_loss,

@@ -1,4 +1,5 @@
-"""Pretraining objectives as pure functions on tensors: masking, losses, diffusion noise, sampling.
+"""Losses and corruptions of the pretraining objectives as pure functions on tensors: masking,
+masked cross-entropy, the CLIP loss, SEDD diffusion noise, score entropy and sampling.
 
 Every function works on either input layout (padded [B, L] or varlen [T]) unless it says
 otherwise. Random draws take an optional `torch.Generator`, which must live on the device of the

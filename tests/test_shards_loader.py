@@ -163,8 +163,7 @@ def test_gather_maps_tokens_and_drops_genes_outside_vocabulary(corpus):
         assert batch.counts[start:stop].tolist() == x[keep].tolist()
     with pytest.raises(IndexError):
         collection.gather(np.array([len(collection)]))
-    dropped = collection.dropped_genes()
-    assert dropped.rows() == [("a", 300, 1), ("b", 300, 1)]
+    assert collection.genes_outside_vocabulary() == {"a": (1, 300), "b": (1, 300)}
 
 
 def test_rank_batch_applies_corpus_medians(corpus):

@@ -331,12 +331,10 @@ def _splits_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("splits", help="expand split files into the split manifest", arguments=_splits_arguments)
 def _splits(args: argparse.Namespace) -> None:
-    import numpy as np
     import polars as pl
 
     from cellfoundry import splits
     from cellfoundry.io import atomic_outputs, read_json
-    from cellfoundry.shards import shard_folders
 
     settings = _json(args.settings)
     project_path = args.project_path
@@ -350,33 +348,13 @@ def _splits(args: argparse.Namespace) -> None:
         defaults = splits.default_splits(files, project_path=project_path)
         loaders = {"train": sorted(defaults), "val": []}
         available = defaults
-        frames = []
-        groups = {r["dataset"]: r["shared_barcodes"] for r in records}
-        for manifest in sorted(args.manifests):
-            dataset = Path(manifest).parent.name
-            names = {
-                f"{folder.name}.h5ad": pl.read_parquet(
-                    folder / "obs.parquet", columns=["obs_name"]
-                )["obs_name"].to_numpy()
-                for folder in shard_folders(Path(manifest).parent)
-            }
-            held = splits.holdout_cells(
-                dataset,
-                names,
-                [[f"{name}.h5ad" for name in group] for group in groups.get(dataset, [])],
-                seed=args.seed,
-                val_fraction=settings["val_fraction"],
-                max_cells_per_file=settings["val_max_cells_per_file"],
-            )
-            for file, cells in sorted(held.items()):
-                frames.append(
-                    pl.DataFrame(
-                        {"dataset": dataset, "file": file, "cell": np.asarray(cells, np.int64)},
-                        schema=splits.HOLDOUT_SCHEMA,
-                    )
-                )
-        if frames:
-            holdout = pl.concat(frames)
+        holdout = splits.default_holdout(
+            records,
+            [Path(p) for p in args.manifests],
+            seed=args.seed,
+            val_fraction=settings["val_fraction"],
+            max_cells_per_file=settings["val_max_cells_per_file"],
+        )
     else:
         names = {
             item if isinstance(item, str) else item["source"]
@@ -399,22 +377,13 @@ def _splits(args: argparse.Namespace) -> None:
     counts = manifest.group_by("split").len().sort("split").rows()
     log.info("split manifest: %s", ", ".join(f"{split}: {n} files" for split, n in counts))
     if defaults:
-        by_species = (
-            holdout.join(
-                pl.DataFrame({"dataset": list(datasets), "species": list(datasets.values())}),
-                on="dataset",
-            )
-            .group_by("species")
-            .len()
-            .sort("species")
-            .rows()
-        )
+        held = splits.holdout_by_species(holdout, datasets)
         log.info(
             "default split: cells held out for validation (val_fraction %s, at most %s per "
             "file): %s",
             settings["val_fraction"],
             settings["val_max_cells_per_file"],
-            ", ".join(f"{species}: {n}" for species, n in by_species) or "none",
+            ", ".join(f"{species}: {n}" for species, n in held.items()) or "none",
         )
 
 

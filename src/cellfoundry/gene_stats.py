@@ -40,6 +40,8 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from cellfoundry.config import schema_default
+
 # Tier 3 histogram resolution (bins per octave) and tier 2 code resolution (a multiple of it).
 RESOLUTION = 256
 CODE_RESOLUTION = 2048
@@ -47,8 +49,9 @@ _CODE_SHIFT = 3  # CODE_RESOLUTION = RESOLUTION << _CODE_SHIFT
 # Codes and bins are of y = -log2(value / target_sum) = -log2(count / total) in [0, 32):
 # a uint16 code holds it at 2,048 per octave (cells of up to 2^32 counts).
 _N_CODES = 32 * CODE_RESOLUTION
-# Genes detected in at most this many cells keep exact values; up to QUANTIZED_MAX_CELLS, codes.
-EXACT_MAX_CELLS = 1_000
+# Genes detected in at most this many cells keep exact values (config gene_stats.exact_max_cells);
+# up to QUANTIZED_MAX_CELLS, codes.
+EXACT_MAX_CELLS = schema_default("gene_stats.exact_max_cells")
 QUANTIZED_MAX_CELLS = 10_000
 SCHEMA = {
     "gene_id": pl.Utf8,

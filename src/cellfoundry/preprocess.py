@@ -35,6 +35,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from cellfoundry import __version__
+from cellfoundry.config import schema_default
 from cellfoundry.discretize import quantile_bins_csr
 from cellfoundry.errors import DatasetError
 from cellfoundry.formats import PREPROCESS as FORMAT_VERSION
@@ -108,16 +109,16 @@ class PreprocessSettings:
         Library size that counts are normalised to for gene statistics.
     """
 
-    counts: str = "auto"
-    genes: str = "auto"
-    min_genes: int = 200
-    min_counts: int = 500
-    max_genes: int | None = None
-    max_counts: int | None = None
-    max_mito_fraction: float = 0.2
-    min_mapping_rate: float = 0.5
-    duplicate_genes: Literal["sum", "first"] = "sum"
-    target_sum: float = 10_000.0
+    counts: str = schema_default("preprocess.counts")
+    genes: str = schema_default("preprocess.genes")
+    min_genes: int = schema_default("preprocess.min_genes")
+    min_counts: int = schema_default("preprocess.min_counts")
+    max_genes: int | None = schema_default("preprocess.max_genes")
+    max_counts: int | None = schema_default("preprocess.max_counts")
+    max_mito_fraction: float = schema_default("preprocess.max_mito_fraction")
+    min_mapping_rate: float = schema_default("preprocess.min_mapping_rate")
+    duplicate_genes: Literal["sum", "first"] = schema_default("preprocess.duplicate_genes")
+    target_sum: float = schema_default("preprocess.target_sum")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PreprocessSettings:
@@ -851,6 +852,7 @@ def preprocess_file(
             obs[column] = table[column].to_numpy()[kept]
         obs.index = pd.Index(_unique_names(obs.index))
         out_var = _output_var(plan.gene_ids, reference)
+        inputs = _input_checksums(source)
         info = writer.close(
             out_var, obs, {"dataset": dataset, "species": species, "file": f"{source.name}.h5ad"}
         )
@@ -898,7 +900,7 @@ def preprocess_file(
             "nnz": info["nnz"],
             "warnings": warnings,
             "barcode_sketch": barcode_sketch(obs.index),
-            "inputs": _input_checksums(source),
+            "inputs": inputs,
             "h5ad_blake3": blake3(h5ad_path),
             "settings": asdict(settings),
             "format_version": FORMAT_VERSION,

@@ -256,6 +256,57 @@ def holdout_cells(
     return out
 
 
+def default_holdout(
+    records: list[dict[str, Any]],
+    manifests: list[Path],
+    *,
+    seed: int,
+    val_fraction: float,
+    max_cells_per_file: int,
+) -> pl.DataFrame:
+    """The cells every dataset holds out by the default split (`HOLDOUT_SCHEMA`).
+
+    `records` are the datasets' QC records (their `shared_barcodes` groups), `manifests` their
+    `shards/<dataset>/manifest.json`; cell names are read from each shard's `obs.parquet`.
+    """
+    from cellfoundry.shards import shard_folders
+
+    groups = {r["dataset"]: r["shared_barcodes"] for r in records}
+    frames = [pl.DataFrame(schema=HOLDOUT_SCHEMA)]
+    for manifest in sorted(manifests):
+        dataset = Path(manifest).parent.name
+        names = {
+            f"{folder.name}.h5ad": pl.read_parquet(folder / "obs.parquet", columns=["obs_name"])[
+                "obs_name"
+            ].to_numpy()
+            for folder in shard_folders(Path(manifest).parent)
+        }
+        held = holdout_cells(
+            dataset,
+            names,
+            [[f"{name}.h5ad" for name in group] for group in groups.get(dataset, [])],
+            seed=seed,
+            val_fraction=val_fraction,
+            max_cells_per_file=max_cells_per_file,
+        )
+        frames += [
+            pl.DataFrame(
+                {"dataset": dataset, "file": file, "cell": np.asarray(cells, np.int64)},
+                schema=HOLDOUT_SCHEMA,
+            )
+            for file, cells in sorted(held.items())
+        ]
+    return pl.concat(frames)
+
+
+def holdout_by_species(holdout: pl.DataFrame, datasets: dict[str, str]) -> dict[str, int]:
+    """Cells held out per species (`datasets`: dataset -> species)."""
+    counts: dict[str, int] = {}
+    for dataset, n in holdout.group_by("dataset").len().rows():
+        counts[datasets[dataset]] = counts.get(datasets[dataset], 0) + n
+    return dict(sorted(counts.items()))
+
+
 def split_yaml(split: SplitFile) -> str:
     """A split as a scConcept split file (its `source_path` keeps the interpolation)."""
     body = {

@@ -103,8 +103,9 @@ def input_digests(inputs: Any, *, with_references: bool) -> dict[str, str]:
     """Content digest of every input of a training (`run.TrainInputs`), by name."""
     parts: dict[str, str] = {}
     frame = pl.read_parquet(inputs.manifest)
-    rows = frame.drop("shard").sort(frame.drop("shard").columns)
-    parts["manifest"] = hashlib.sha256(rows.write_csv().encode()).hexdigest()
+    rows = frame.drop("shard")
+    keys = [name for name, dtype in rows.schema.items() if not isinstance(dtype, pl.List)]
+    parts["manifest"] = hashlib.sha256(rows.sort(keys).write_json().encode()).hexdigest()
     by_dataset: dict[str, list[Path]] = {}
     for dataset, shard in frame.select("dataset", "shard").sort("dataset", "shard").iter_rows():
         by_dataset.setdefault(dataset, []).append(Path(shard))

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -400,11 +401,14 @@ def train(
     if trainer.is_global_zero:
         write_json(marker, {"fingerprint": identity})
     log.info(
-        "rank %d of world size %d (%d node(s) x %d device(s)), %s, precision %s, %s parameters",
+        "rank %d of world size %d (%d node(s) x %d device(s)), node rank %d on %s, %s, "
+        "precision %s, %s parameters",
         trainer.global_rank,
         trainer.world_size,
         num_nodes,
         devices,
+        trainer.node_rank,
+        socket.gethostname(),
         type(trainer.accelerator).__name__,
         trainer.precision,
         f"{sum(p.numel() for p in system.parameters()):,}",
@@ -440,4 +444,10 @@ def train(
             },
         )
         log.info("exported the model after %d steps to %s", trainer.global_step, export_dir)
+    log.info(
+        "rank %d of world size %d finished at step %d",
+        trainer.global_rank,
+        trainer.world_size,
+        trainer.global_step,
+    )
     return export_dir

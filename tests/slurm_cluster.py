@@ -53,7 +53,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
 __all__ = [
     "SYSTEM_CONF_DIR",
@@ -82,6 +82,7 @@ _SUBNETS = [ipaddress.ip_network(f"10.213.{k}.0/24") for k in range(256)]
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUTS = 0x04000000
 _LIBC = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 class SlurmClusterError(RuntimeError):
@@ -418,25 +419,28 @@ class SlurmCluster:
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             self._add_hosts_line(address, node)
-        # A UTS namespace too: the same steps as for a slurmd, on a throwaway process.
-        probe = subprocess.run(
-            ["hostname"],
-            preexec_fn=self._enter_node(self.nodes[0]),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if probe.stdout.strip() != self.nodes[0]:
+        # The steps a slurmd's start takes (see _enter_node), tried first on a throwaway thread:
+        # a failure in a preexec_fn loses its reason.
+        node = self.nodes[0]
+
+        def become_node() -> str:
+            _become(_netns_path(node), node)
+            return socket.gethostname()
+
+        try:
+            hostname = _in_thread(become_node)
+        except OSError as error:
             raise NamespaceError(
-                f"could not enter namespace {_netns(self.nodes[0])} with hostname "
-                f"{self.nodes[0]}: {probe.stderr.strip() or probe.stdout.strip()}"
-            )
+                f"cannot enter namespace {_netns(node)} as host {node}: {error}"
+            ) from error
+        if hostname != node:
+            raise NamespaceError(f"a UTS namespace kept hostname {hostname!r}, not {node!r}")
         self._check_connectivity()
 
     def _check_connectivity(self) -> None:
         """Every node reaches the controller and every other node over TCP (a bridge can be
         filtered: br_netfilter with an iptables FORWARD policy of DROP, as Docker sets)."""
-        places = {node: f"/run/netns/{_netns(node)}" for node in self.nodes}
+        places = {node: _netns_path(node) for node in self.nodes}
         places[f"controller ({self.host})"] = None
         addresses = {**self.addresses, f"controller ({self.host})": self.controller_address}
         for target, target_ns in places.items():
@@ -462,20 +466,11 @@ class SlurmCluster:
                             ) from error
 
     def _enter_node(self, node: str) -> Callable[[], None]:
-        """For Popen's preexec_fn: die with this process, then become host `node` (its network
-        namespace and a UTS namespace named after it)."""
-        netns = f"/run/netns/{_netns(node)}".encode()
-        hostname = node.encode()
+        """For Popen's preexec_fn: die with this process, then become host `node`."""
 
         def enter() -> None:
             _die_with_parent()
-            fd = os.open(netns, os.O_RDONLY)
-            try:
-                _check(_LIBC.setns(fd, _CLONE_NEWNET), "setns(CLONE_NEWNET)")
-            finally:
-                os.close(fd)
-            _check(_LIBC.unshare(_CLONE_NEWUTS), "unshare(CLONE_NEWUTS)")
-            _check(_LIBC.sethostname(hostname, len(hostname)), "sethostname")
+            _become(_netns_path(node), node)
 
         return enter
 
@@ -757,30 +752,59 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise NamespaceError("no free /24 in 10.213.0.0/16 for the test cluster's bridge")
 
 
-def _socket_in(netns: str | None) -> socket.socket:
-    """A TCP socket of a network namespace (None: this process's). setns changes only the
-    calling thread's namespace, so a thread that ends right after makes the socket."""
-    if netns is None:
-        return socket.socket()
-    made: list[socket.socket | BaseException] = []
+def _netns_path(node: str) -> str:
+    return f"/run/netns/{_netns(node)}"
 
-    def make() -> None:
+
+def _become(netns: str, hostname: str) -> None:
+    """Join a network namespace, and a new UTS namespace named `hostname` (calling thread)."""
+    fd = os.open(netns, os.O_RDONLY)
+    try:
+        _check(_LIBC.setns(fd, _CLONE_NEWNET), f"setns({netns}, CLONE_NEWNET)")
+    finally:
+        os.close(fd)
+    _check(_LIBC.unshare(_CLONE_NEWUTS), "unshare(CLONE_NEWUTS)")
+    name = hostname.encode()
+    _check(_LIBC.sethostname(name, len(name)), "sethostname")
+
+
+def _in_thread(function: Callable[[], T]) -> T:
+    """Run `function` on a thread of its own, which ends with it. setns and unshare change the
+    calling thread's namespaces only: this process's other threads keep theirs."""
+    result: list = []
+
+    def run() -> None:
         try:
-            fd = os.open(netns, os.O_RDONLY)
-            try:
-                _check(_LIBC.setns(fd, _CLONE_NEWNET), "setns(CLONE_NEWNET)")
-            finally:
-                os.close(fd)
-            made.append(socket.socket())
-        except BaseException as error:  # reported by the caller's thread
-            made.append(error)
+            result.append((True, function()))
+        except BaseException as error:  # re-raised on the caller's thread
+            result.append((False, error))
 
-    thread = threading.Thread(target=make)
+    thread = threading.Thread(target=run)
     thread.start()
     thread.join()
-    if isinstance(made[0], BaseException):
-        raise NamespaceError(f"cannot open a socket in {netns}: {made[0]}") from made[0]
-    return made[0]
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _socket_in(netns: str | None) -> socket.socket:
+    """A TCP socket of a network namespace (None: this process's own)."""
+    if netns is None:
+        return socket.socket()
+
+    def make() -> socket.socket:
+        fd = os.open(netns, os.O_RDONLY)
+        try:
+            _check(_LIBC.setns(fd, _CLONE_NEWNET), f"setns({netns}, CLONE_NEWNET)")
+        finally:
+            os.close(fd)
+        return socket.socket()
+
+    try:
+        return _in_thread(make)
+    except OSError as error:
+        raise NamespaceError(f"cannot open a socket in {netns}: {error}") from error
 
 
 def _check(result: int, what: str) -> None:

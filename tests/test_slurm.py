@@ -208,11 +208,13 @@ PLACEMENT = {0: (0, "cfnode1"), 1: (0, "cfnode1"), 2: (1, "cfnode2"), 3: (1, "cf
 
 
 @pytest.fixture(scope="module")
-def two_node_run(cluster_project, two_nodes, multinode_profile) -> dict[str, object]:
+def two_node_run(two_nodes, cluster_project, multinode_profile) -> dict[str, object]:
     """The training rule through profiles/slurm-multinode on the demo corpus, 2 nodes x 2 ranks,
     preempted once: SIGUSR1 (what `--signal=SIGUSR1@N` sends before the time limit) as soon as
     all four ranks listen for it. Meanwhile, the same rule on this machine (profiles/local) in
-    one process, on the same global batches: 2 cells per rank x 4 ranks against 8 in one."""
+    one process, on the same global batches: 2 cells per rank x 4 ranks against 8 in one.
+
+    `two_nodes` comes first: on one node the tests skip before the demo runs."""
     steps = {
         "max_steps": 12,
         "val_every_n_steps": 100,

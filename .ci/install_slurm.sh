@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Install a single-node Slurm (controller, node daemon, client tools) and munge on Debian 12,
-# for tests/slurm_cluster.py. Idempotent: does nothing when slurmctld is already installed.
-# Needs root.
+# Install Slurm (controller, node daemon, client tools), munge and iproute2 on Debian 12, for
+# tests/slurm_cluster.py (iproute2's `ip` makes the network namespaces of a two-node test
+# cluster). Idempotent: does nothing when slurmctld and ip are already installed. Needs root.
 set -euo pipefail
 
-if command -v slurmctld >/dev/null 2>&1 || [ -x /usr/sbin/slurmctld ]; then
+if [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/ip ]; then
     echo "slurm already installed: $(/usr/sbin/slurmctld -V)"
     exit 0
 fi
@@ -24,5 +24,5 @@ if [ ! -e "$policy" ]; then
     trap 'rm -f "$policy"' EXIT
 fi
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge
+apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge iproute2
 echo "installed: $(/usr/sbin/slurmctld -V)"

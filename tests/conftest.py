@@ -235,20 +235,23 @@ def project_factory(tmp_path: Path) -> Callable[..., Project]:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """A real single-node Slurm (Debian's packages) with the partitions `profiles/slurm` names
-    (cpu, gpu) and two fake GPUs; skips when Slurm or root is missing."""
-    from slurm_cluster import SlurmCluster, available
+    """A real Slurm (Debian's packages) with the partitions the Slurm profiles name (cpu, gpu)
+    and two fake GPUs per node; skips when Slurm or root is missing.
+
+    Two nodes, each a slurmd in a network and UTS namespace of its own, where namespaces can be
+    made; else one node (this host), with the reason in `one_node_reason`."""
+    from slurm_cluster import NamespaceError, SlurmCluster, available
 
     if not available():
         pytest.skip("needs root and Slurm (bash .ci/install_slurm.sh)")
-    # More CPUs and memory than the machine has: the profile's requests must be schedulable.
-    cluster = SlurmCluster(
-        tmp_path_factory.mktemp("slurm"),
-        cpus=32,
-        gpus=2,
-        memory_mb=256_000,
-        partitions=("cpu", "gpu"),
-    )
+    # More CPUs and memory than the machine has: the profiles' requests must be schedulable.
+    options = {"cpus": 32, "gpus": 2, "memory_mb": 256_000, "partitions": ("cpu", "gpu")}
+    try:
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2, **options).start()
+        cluster.one_node_reason = ""
+    except NamespaceError as error:
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), **options).start()
+        cluster.one_node_reason = str(error)
     with cluster:
         yield cluster
 

@@ -1,18 +1,36 @@
-"""A throwaway single-node Slurm cluster for tests.
+"""A throwaway Slurm cluster for tests: one node on this host, or several nodes in namespaces.
 
 `SlurmCluster` writes a self-contained configuration under a work directory, starts a private
-munged, slurmctld and slurmd in the foreground (each a child of this process, PID recorded) and
-stops exactly those processes again. The node declares more CPUs and memory than the machine has
-(`SlurmdParameters=config_overrides`) and fake GPUs (gres files that are symlinks to /dev/null), so
-a two-core machine can schedule multi-task "GPU" jobs next to CPU jobs.
+munged, slurmctld and one slurmd per node in the foreground (each a child of this process, PID
+recorded) and stops exactly those processes again. Nodes declare more CPUs and memory than the
+machine has (`SlurmdParameters=config_overrides`) and fake GPUs (gres files that are symlinks to
+/dev/null), so a two-core machine can schedule multi-task "GPU" jobs next to CPU jobs.
+
+With `nodes=1` (the default) the node is this host (`slurmd -N $(hostname -s)`, 127.0.0.1).
+With `nodes=N > 1` each slurmd runs in a network and UTS namespace of its own, so N daemons can
+share one machine as N hosts would (Debian's Slurm is built without `--enable-multiple-slurmd`):
+
+    host namespace: slurmctld, munged, clients   bridge cfsl-br  10.213.k.1/24
+      netns cfsl-cfnode1 (hostname cfnode1): slurmd   eth0  10.213.k.11  <- veth cfsl-cfnode1
+      netns cfsl-cfnode2 (hostname cfnode2): slurmd   eth0  10.213.k.12  <- veth cfsl-cfnode2
+
+The subnet is the first 10.213.k.0/24 that no address or route of the host overlaps. The
+namespaces have no default route: the only traffic is between the nodes and the controller.
+/etc/hosts maps each node name to its address while the cluster runs, so anything started on a
+node (job steps inherit the slurmd's namespaces) resolves the node names as on a real cluster:
+Lightning's MASTER_ADDR (the first name of SLURM_NODELIST) and Gloo's interface (the address of
+the node's own hostname) then lie on the bridge. The munge socket is a file, which is reachable
+from every network namespace.
 
 While it runs, /etc/slurm/slurm.conf and /etc/slurm/gres.conf are symlinks to its files: Snakemake's
 jobstep removes SLURM_CONF before running a rule, so an `srun` inside a job only finds the
 configuration there. Files found there are moved aside and put back by `stop()`. A lock file
-keeps two clusters (two pytest sessions) from running at once.
+keeps two clusters (two pytest sessions) from running at once. Whatever a test process killed
+before its `stop()` left behind (job steps, /etc/slurm links, /etc/hosts lines, namespaces,
+links) is removed by the next `start()`, or by `remove_leftovers()`.
 
-Needs root and Debian's `slurmctld slurmd slurm-client munge` packages (`.ci/install_slurm.sh`).
-No pytest dependency: tests wrap it in a fixture.
+Needs root and Debian's `slurmctld slurmd slurm-client munge` packages, plus `iproute2` for
+several nodes (`.ci/install_slurm.sh`). No pytest dependency: tests wrap it in a fixture.
 """
 
 from __future__ import annotations
@@ -20,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import ipaddress
 import os
 import pwd
 import re
@@ -28,16 +47,25 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
-__all__ = ["SYSTEM_CONF_DIR", "SlurmCluster", "SlurmClusterError", "available"]
+__all__ = [
+    "SYSTEM_CONF_DIR",
+    "NamespaceError",
+    "SlurmCluster",
+    "SlurmClusterError",
+    "available",
+    "remove_leftovers",
+]
 
 SYSTEM_CONF_DIR = Path("/etc/slurm")
+HOSTS_FILE = Path("/etc/hosts")
 LOCK_FILE = Path("/run/cellfoundry-slurm-test.lock")
 _BINARIES = ("munged", "slurmctld", "slurmd", "slurmstepd", "sbatch", "srun", "squeue", "scontrol")
 # Set in the daemons' environment; slurmstepd inherits it, which lets stop() find job steps
@@ -45,10 +73,24 @@ _BINARIES = ("munged", "slurmctld", "slurmd", "slurmstepd", "sbatch", "srun", "s
 _MARKER_VAR = "CELLFOUNDRY_TEST_SLURM"
 _HEADER = "# Written by tests/slurm_cluster.py"
 _MUNGE_PREFIX = "cellfoundry-munge-"
+# Names of the network namespaces and host-side links of a multi-node cluster (at most 15
+# characters for a link). Fixed, not per cluster: the lock allows one cluster at a time, and
+# leftovers of a killed one are found by name.
+_NET_PREFIX = "cfsl-"
+_BRIDGE = f"{_NET_PREFIX}br"
+_SUBNETS = [ipaddress.ip_network(f"10.213.{k}.0/24") for k in range(256)]
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWUTS = 0x04000000
+_LIBC = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 class SlurmClusterError(RuntimeError):
     """The test cluster could not be started or did not behave as expected."""
+
+
+class NamespaceError(SlurmClusterError):
+    """Network or UTS namespaces (or the links between them) cannot be made on this machine."""
 
 
 def available() -> bool:
@@ -57,21 +99,25 @@ def available() -> bool:
 
 
 class SlurmCluster:
-    """A single-node Slurm cluster (controller and node on this machine) for tests.
+    """A Slurm cluster on this machine for tests: the controller, and one or more nodes.
 
     Parameters
     ----------
     workdir
         Directory for configuration, state, spool and logs. Created if missing.
+    nodes
+        Number of nodes. One: this host itself. More: `cfnode1`, `cfnode2`, ..., each a slurmd
+        in its own network and UTS namespace (see the module docstring); raises
+        `NamespaceError` where namespaces or their links cannot be made.
     cpus
-        CPUs the node declares; may exceed the machine's cores.
+        CPUs each node declares; may exceed the machine's cores.
     gpus
-        Fake GPUs (`gres gpu`) the node declares. Jobs that ask for them get
+        Fake GPUs (`gres gpu`) each node declares. Jobs that ask for them get
         `CUDA_VISIBLE_DEVICES`, nothing else.
     memory_mb
-        Memory the node declares; may exceed the machine's memory.
+        Memory each node declares; may exceed the machine's memory.
     partitions
-        Partition names, all on the one node. The first is the default.
+        Partition names, each with all nodes. The first is the default.
     min_job_age
         Seconds a finished job stays visible to `squeue` and `scontrol`. Snakemake's slurm
         executor polls with `squeue` only if this is at least three times its initial status
@@ -89,6 +135,7 @@ class SlurmCluster:
         self,
         workdir: Path,
         *,
+        nodes: int = 1,
         cpus: int = 8,
         gpus: int = 4,
         memory_mb: int = 16000,
@@ -100,6 +147,8 @@ class SlurmCluster:
     ) -> None:
         if not partitions:
             raise ValueError("at least one partition is needed")
+        if nodes < 1:
+            raise ValueError("at least one node is needed")
         self.workdir = Path(workdir).resolve()
         self.cpus = cpus
         self.gpus = gpus
@@ -109,7 +158,13 @@ class SlurmCluster:
         self.kill_wait = kill_wait
         self.requeue_delay = requeue_delay
         self.lock_timeout = lock_timeout
-        self.node = socket.gethostname().split(".")[0]
+        self.host = socket.gethostname().split(".")[0]
+        self.namespaced = nodes > 1
+        self.nodes = [f"cfnode{i + 1}" for i in range(nodes)] if self.namespaced else [self.host]
+        self.node = self.nodes[0]
+        # Node name -> address; the controller's address. Set when the network is made.
+        self.addresses: dict[str, str] = {}
+        self.controller_address = "127.0.0.1"
         self.token = uuid.uuid4().hex[:12]
 
         self.conf = self.workdir / "etc" / "slurm.conf"
@@ -122,14 +177,15 @@ class SlurmCluster:
         self._procs: dict[str, subprocess.Popen] = {}
         self._stderr: list[IO[str]] = []
         self._backups: dict[Path, Path | None] = {}
-        self._hosts_line: str | None = None
+        self._hosts_lines: list[str] = []
+        self._network = False
         self._lock: IO[str] | None = None
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, timeout: float = 60) -> SlurmCluster:
-        """Write the configuration, start munged, slurmctld and slurmd, wait for an idle node."""
+        """Write the configuration, start munged, slurmctld and the slurmds, wait for idle nodes."""
         if self._started:
             return self
         if not available():
@@ -140,26 +196,38 @@ class SlurmCluster:
         self._started = True
         try:
             self._acquire_lock()
-            # With the lock held, steps of any other test cluster are leftovers of a test
-            # process that died without stop() (its daemons die with it, its job steps do not).
-            _kill_marked_steps(f"{_MARKER_VAR}=".encode())
-            for stale in Path("/run").glob(f"{_MUNGE_PREFIX}*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            self._ensure_hostname_resolves()
+            # With the lock held, anything of another test cluster is a leftover of a test
+            # process that died without stop() (its daemons die with it, the rest does not).
+            _remove_leftovers()
+            if self.namespaced:
+                self._make_network()
+            else:
+                self._ensure_hostname_resolves()
             self._write_config()
             self._install_system_config()
             self._start_munge()
             self._start_daemon("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
             self._wait_for(self._controller_up, timeout, "slurmctld to answer", "slurmctld")
-            self._start_daemon("slurmd", ["slurmd", "-D", "-N", self.node, "-f", str(self.conf)])
-            self._wait_for(self._node_idle, timeout, f"node {self.node} to become idle", "slurmd")
+            for node in self.nodes:
+                self._start_daemon(
+                    self._slurmd(node),
+                    ["slurmd", "-D", "-N", node, "-f", str(self.conf)],
+                    enter=self._enter_node(node) if self.namespaced else None,
+                )
+            for node in self.nodes:
+                self._wait_for(
+                    lambda node=node: self.node_state(node) == "IDLE",
+                    timeout,
+                    f"node {node} to become idle",
+                    self._slurmd(node),
+                )
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self, timeout: float = 30) -> None:
-        """Cancel all jobs, stop the daemons this object started and restore system files."""
+        """Cancel all jobs, stop the daemons this object started, remove what it made."""
         if not self._started:
             return
         try:
@@ -167,7 +235,7 @@ class SlurmCluster:
             if ctld is not None and ctld.poll() is None:
                 self.cancel_all_jobs(timeout=timeout)
         finally:
-            for name in ("slurmd", "slurmctld", "munged"):
+            for name in [*map(self._slurmd, self.nodes), "slurmctld", "munged"]:
                 proc = self._procs.pop(name, None)
                 if proc is not None:
                     _terminate(proc, timeout=10)
@@ -176,6 +244,9 @@ class SlurmCluster:
                 f.close()
             self._stderr.clear()
             self._restore_system_files()
+            if self._network:
+                _remove_network()
+                self._network = False
             if self.munge_dir is not None:
                 shutil.rmtree(self.munge_dir, ignore_errors=True)
                 self.munge_dir = None
@@ -195,7 +266,7 @@ class SlurmCluster:
 
     @property
     def pids(self) -> dict[str, int]:
-        """PIDs of the running daemons this object started."""
+        """PIDs of the running daemons this object started (`slurmd` or `slurmd-<node>`)."""
         return {name: p.pid for name, p in self._procs.items() if p.poll() is None}
 
     # -- queries ---------------------------------------------------------------------------
@@ -225,7 +296,7 @@ class SlurmCluster:
         return [dict(zip(fields, line.split("|", 4), strict=True)) for line in out.splitlines()]
 
     def job(self, job_id: str | int) -> dict[str, str]:
-        """`scontrol show job` as a dict: `JobState`, `Restarts`, `NumTasks`, `TresPerNode`, ..."""
+        """`scontrol show job` as a dict: `JobState`, `Restarts`, `NumTasks`, `NodeList`, ..."""
         out = self.run("scontrol", "show", "job", "--oneliner", str(job_id)).stdout
         return dict(re.findall(r"(\S+?)=(\S*)", out))
 
@@ -233,19 +304,22 @@ class SlurmCluster:
         """The job's state, e.g. `PENDING`, `RUNNING`, `COMPLETED`, `FAILED`."""
         return self.job(job_id)["JobState"]
 
-    def node_state(self) -> str:
-        """The node's state, e.g. `IDLE`, `MIXED`, `ALLOCATED`, `DOWN+NOT_RESPONDING`."""
-        out = self.run("scontrol", "show", "node", "--oneliner", self.node).stdout
+    def node_state(self, node: str | None = None) -> str:
+        """A node's state (the first node's by default): `IDLE`, `MIXED`, `ALLOCATED`, ..."""
+        node = node or self.node
+        out = self.run("scontrol", "show", "node", "--oneliner", node).stdout
         match = re.search(r"\bState=(\S+)", out)
         if match is None:
-            raise SlurmClusterError(f"no State in `scontrol show node {self.node}`: {out!r}")
+            raise SlurmClusterError(f"no State in `scontrol show node {node}`: {out!r}")
         return match.group(1)
 
     def wait_until_idle(self, timeout: float = 60) -> None:
-        """Wait until no job is pending, running or completing and the node is idle."""
+        """Wait until no job is pending, running or completing and every node is idle."""
 
         def idle() -> bool:
-            return not self.squeue(all_states=False) and self.node_state() == "IDLE"
+            return not self.squeue(all_states=False) and all(
+                self.node_state(n) == "IDLE" for n in self.nodes
+            )
 
         self._wait_for(idle, timeout, "the cluster to become idle", "slurmctld")
 
@@ -272,11 +346,19 @@ class SlurmCluster:
                 time.sleep(0.5)
 
     def log(self, daemon: str, lines: int = 40) -> str:
-        """The last lines of a daemon's log: `slurmctld`, `slurmd` or `munged`."""
-        name = "munged.stderr" if daemon == "munged" else f"{daemon}.log"
-        return _tail(self.log_dir / name, lines)
+        """The last lines of a daemon's log: `slurmctld`, `munged`, `slurmd` (the first node's)
+        or `slurmd-<node>`."""
+        if daemon == "munged":
+            return _tail(self.log_dir / "munged.stderr", lines)
+        if daemon == "slurmd":
+            daemon = self._slurmd(self.node)
+        return _tail(self.log_dir / f"{daemon}.log", lines)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _slurmd(self, node: str) -> str:
+        """The daemon's name in `pids` and logs: `slurmd` on one node, else `slurmd-<node>`."""
+        return f"slurmd-{node}" if self.namespaced else "slurmd"
 
     def _acquire_lock(self) -> None:
         self._lock = open(LOCK_FILE, "a")  # noqa: SIM115 (held until stop)
@@ -299,19 +381,105 @@ class SlurmCluster:
             self._lock.close()
             self._lock = None
 
+    def _add_hosts_line(self, address: str, name: str) -> None:
+        line = f"{address} {name}  # {_MARKER_VAR} {self.token}\n"
+        text = HOSTS_FILE.read_text()
+        HOSTS_FILE.write_text(text + ("" if text.endswith("\n") or not text else "\n") + line)
+        self._hosts_lines.append(line)
+
     def _ensure_hostname_resolves(self) -> None:
         try:
             socket.gethostbyname(self.node)
         except OSError:
             # The daemons resolve their own node name; a container may not know it.
-            self._hosts_line = f"127.0.0.1 {self.node}  # {_MARKER_VAR} {self.token}\n"
-            with open("/etc/hosts", "a") as f:
-                f.write(self._hosts_line)
+            self._add_hosts_line("127.0.0.1", self.node)
+
+    def _make_network(self) -> None:
+        """A bridge on a free private subnet, and per node a namespace joined to it by a veth
+        pair; the node names resolve to their addresses through /etc/hosts."""
+        if shutil.which("ip") is None:
+            raise NamespaceError("the `ip` command is missing (apt-get install iproute2)")
+        subnet = _free_subnet()
+        hosts = list(subnet.hosts())
+        self.controller_address = str(hosts[0])
+        self.addresses = {node: str(hosts[10 + i]) for i, node in enumerate(self.nodes)}
+        self._network = True  # from here on, stop() removes whatever exists of it
+        prefix = subnet.prefixlen
+        _ip("link", "add", _BRIDGE, "type", "bridge")
+        _ip("addr", "add", f"{self.controller_address}/{prefix}", "dev", _BRIDGE)
+        _ip("link", "set", _BRIDGE, "up")
+        for node, address in self.addresses.items():
+            ns = _netns(node)
+            _ip("netns", "add", ns)
+            # The node side is created inside the namespace as eth0, as on a real host.
+            _ip("link", "add", ns, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("link", "set", ns, "master", _BRIDGE)
+            _ip("link", "set", ns, "up")
+            _ip("-n", ns, "addr", "add", f"{address}/{prefix}", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            self._add_hosts_line(address, node)
+        # The steps a slurmd's start takes (see _enter_node), tried first on a throwaway thread:
+        # a failure in a preexec_fn loses its reason.
+        node = self.nodes[0]
+
+        def become_node() -> str:
+            _become(_netns_path(node), node)
+            return socket.gethostname()
+
+        try:
+            hostname = _in_thread(become_node)
+        except OSError as error:
+            raise NamespaceError(
+                f"cannot enter namespace {_netns(node)} as host {node}: {error}"
+            ) from error
+        if hostname != node:
+            raise NamespaceError(f"a UTS namespace kept hostname {hostname!r}, not {node!r}")
+        self._check_connectivity()
+
+    def _check_connectivity(self) -> None:
+        """Every node reaches the controller and every other node over TCP (a bridge can be
+        filtered: br_netfilter with an iptables FORWARD policy of DROP, as Docker sets)."""
+        places = {node: _netns_path(node) for node in self.nodes}
+        places[f"controller ({self.host})"] = None
+        addresses = {**self.addresses, f"controller ({self.host})": self.controller_address}
+        for target, target_ns in places.items():
+            server = _socket_in(target_ns)
+            with server:
+                server.bind((addresses[target], 0))
+                server.listen()
+                server.settimeout(5)
+                for source, source_ns in places.items():
+                    if source == target or source.startswith("controller"):
+                        continue
+                    client = _socket_in(source_ns)
+                    with client:
+                        client.settimeout(5)
+                        try:
+                            client.connect(server.getsockname())
+                            server.accept()[0].close()
+                        except OSError as error:
+                            raise NamespaceError(
+                                f"{source} cannot reach {target} at {addresses[target]} over "
+                                f"bridge {_BRIDGE}: {error} (is bridged traffic filtered? see "
+                                "/proc/sys/net/bridge/bridge-nf-call-iptables)"
+                            ) from error
+
+    def _enter_node(self, node: str) -> Callable[[], None]:
+        """For Popen's preexec_fn: die with this process, then become host `node`."""
+
+        def enter() -> None:
+            _die_with_parent()
+            _become(_netns_path(node), node)
+
+        return enter
 
     def _write_config(self) -> None:
         w = self.workdir
-        for d in (w / "etc", self.log_dir, w / "state", w / "spool", w / "gpus"):
+        for d in (w / "etc", self.log_dir, w / "state", w / "gpus"):
             d.mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            (w / "spool" / node).mkdir(parents=True, exist_ok=True)
         for i in range(self.gpus):
             link = w / "gpus" / f"nvidia{i}"
             link.unlink(missing_ok=True)
@@ -320,18 +488,29 @@ class SlurmCluster:
             link.symlink_to("/dev/null")
 
         self.munge_dir = Path(tempfile.mkdtemp(prefix=_MUNGE_PREFIX, dir="/run"))
+        # One slurmd port for all nodes: each node has its own network namespace.
         ctld_port, slurmd_port = _free_port(), _free_port()
+        node_list = ",".join(self.nodes)
         partitions = "\n".join(
-            f"PartitionName={name} Nodes={self.node} Default={'YES' if i == 0 else 'NO'} "
+            f"PartitionName={name} Nodes={node_list} Default={'YES' if i == 0 else 'NO'} "
             "MaxTime=INFINITE State=UP"
             for i, name in enumerate(self.partitions)
         )
         gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
+        node_lines = "\n".join(
+            f"NodeName={node} NodeAddr={self.addresses.get(node, '127.0.0.1')} "
+            f"NodeHostname={node} CPUs={self.cpus} Boards=1 SocketsPerBoard=1 "
+            f"CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory={self.memory_mb}{gres} "
+            "State=UNKNOWN"
+            for node in self.nodes
+        )
+        # %n: the node's name, so that the slurmds of several nodes keep their files apart.
+        slurmd_file = "slurmd-%n" if self.namespaced else "slurmd"
         self.conf.write_text(
             f"""\
 {_HEADER} ({_MARKER_VAR}={self.token}); removed when that test cluster stops.
 ClusterName=cellfoundry-test
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={self.host}({self.controller_address})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -341,11 +520,11 @@ CredType=cred/munge
 # A private munged; cred_expire is also how long a requeued job waits before it may start.
 AuthInfo=socket={self.munge_dir}/munge.socket,cred_expire={self.requeue_delay}
 StateSaveLocation={w}/state
-SlurmdSpoolDir={w}/spool
+SlurmdSpoolDir={w}/spool/%n
 SlurmctldPidFile={w}/slurmctld.pid
-SlurmdPidFile={w}/slurmd.pid
+SlurmdPidFile={w}/{slurmd_file}.pid
 SlurmctldLogFile={self.log_dir}/slurmctld.log
-SlurmdLogFile={self.log_dir}/slurmd.log
+SlurmdLogFile={self.log_dir}/{slurmd_file}.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No cgroups: 22.05 has no CgroupPlugin=disabled, and containers rarely allow them.
@@ -370,11 +549,10 @@ InactiveLimit=0
 ReturnToService=2
 JobRequeue=1
 SlurmdTimeout=300
-# The node may declare more CPUs and memory than the machine has.
+# Nodes may declare more CPUs and memory than the machine has.
 SlurmdParameters=config_overrides
 GresTypes=gpu
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} Boards=1 SocketsPerBoard=1 \
-CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory={self.memory_mb}{gres} State=UNKNOWN
+{node_lines}
 {partitions}
 """
         )
@@ -404,17 +582,21 @@ CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory={self.memory_mb}{gres} St
             if backup is not None and not (target.exists() or target.is_symlink()):
                 backup.rename(target)
         self._backups.clear()
-        if self._hosts_line is not None:
-            hosts = Path("/etc/hosts")
-            hosts.write_text(hosts.read_text().replace(self._hosts_line, "", 1))
-            self._hosts_line = None
+        if self._hosts_lines:
+            text = HOSTS_FILE.read_text()
+            for line in self._hosts_lines:
+                text = text.replace(line, "", 1)
+            HOSTS_FILE.write_text(text)
+            self._hosts_lines.clear()
 
     def _daemon_env(self) -> dict[str, str]:
         env = self.env()
         env[_MARKER_VAR] = self.token
         return env
 
-    def _popen(self, name: str, args: list[str], **kwargs) -> None:
+    def _popen(
+        self, name: str, args: list[str], enter: Callable[[], None] | None = None, **kwargs
+    ) -> None:
         stderr = open(self.log_dir / f"{name}.stderr", "w")  # noqa: SIM115 (closed by stop)
         self._stderr.append(stderr)
         self._procs[name] = subprocess.Popen(
@@ -424,7 +606,7 @@ CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory={self.memory_mb}{gres} St
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=enter or _die_with_parent,
             **kwargs,
         )
 
@@ -455,14 +637,13 @@ CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory={self.memory_mb}{gres} St
         )
         self._wait_for(socket_path.exists, 20, "munged to create its socket", "munged")
 
-    def _start_daemon(self, name: str, args: list[str]) -> None:
-        self._popen(name, args)
+    def _start_daemon(
+        self, name: str, args: list[str], enter: Callable[[], None] | None = None
+    ) -> None:
+        self._popen(name, args, enter)
 
     def _controller_up(self) -> bool:
         return self.run("scontrol", "ping", check=False).returncode == 0
-
-    def _node_idle(self) -> bool:
-        return self.node_state() == "IDLE"
 
     def _wait_for(
         self, predicate: Callable[[], bool], timeout: float, what: str, daemon: str
@@ -491,6 +672,145 @@ CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory={self.memory_mb}{gres} St
         if daemon != "munged" and stderr.exists() and stderr.stat().st_size:
             parts += [f"--- {daemon} stderr ---", _tail(stderr)]
         return "\n".join(parts)
+
+
+def remove_leftovers() -> None:
+    """Remove what test clusters killed before their `stop()` left on this machine: job steps,
+    /etc/slurm links, /etc/hosts lines, namespaces and links, munge directories.
+
+    Waits for a running test cluster to stop first (the lock); `start()` calls it anyway.
+    """
+    with open(LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _remove_leftovers()
+            for name in ("slurm.conf", "gres.conf"):
+                _recover_stale(SYSTEM_CONF_DIR / name)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove_leftovers() -> None:
+    """`remove_leftovers` without the lock (the caller holds it)."""
+    _kill_marked_steps(f"{_MARKER_VAR}=".encode())
+    for stale in Path("/run").glob(f"{_MUNGE_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if HOSTS_FILE.is_file():
+        text = HOSTS_FILE.read_text()
+        kept = "".join(
+            line for line in text.splitlines(keepends=True) if f"# {_MARKER_VAR} " not in line
+        )
+        if kept != text:
+            HOSTS_FILE.write_text(kept)
+    _remove_network()
+
+
+def _remove_network() -> None:
+    """Delete the namespaces and links of a multi-node cluster (ours by name), if any."""
+    if shutil.which("ip") is None:
+        return
+    netns = Path("/run/netns")
+    for ns in sorted(netns.glob(f"{_NET_PREFIX}*")) if netns.is_dir() else []:
+        # A veth pair dies with its namespace; the namespace dies with its last process.
+        subprocess.run(["ip", "netns", "delete", ns.name], capture_output=True, check=False)
+    links = subprocess.run(
+        ["ip", "-o", "link", "show"], capture_output=True, text=True, check=False
+    ).stdout
+    for name in re.findall(rf"^\d+: ({re.escape(_NET_PREFIX)}[^:@\s]+)", links, re.MULTILINE):
+        subprocess.run(["ip", "link", "delete", name], capture_output=True, check=False)
+
+
+def _netns(node: str) -> str:
+    """The network namespace of a node, also the name of its veth on the host side."""
+    return f"{_NET_PREFIX}{node}"
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise NamespaceError(f"`ip {' '.join(args)}` failed: {result.stderr.strip()}")
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """The first candidate /24 that no address or route of this host overlaps."""
+    addrs = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True)
+    routes = subprocess.run(
+        ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True
+    )
+    used = [ipaddress.ip_interface(a).network for a in re.findall(r"inet (\S+)", addrs.stdout)]
+    for line in routes.stdout.splitlines():
+        # The destination: `10.0.0.0/8 dev ...`, `local 127.0.0.1 dev lo ...`
+        for word in line.split()[:2]:
+            with contextlib.suppress(ValueError):
+                net = ipaddress.ip_network(word, strict=False)
+                if net.prefixlen:
+                    used.append(net)
+                break
+    for candidate in _SUBNETS:
+        if not any(candidate.overlaps(u) for u in used):
+            return candidate
+    raise NamespaceError("no free /24 in 10.213.0.0/16 for the test cluster's bridge")
+
+
+def _netns_path(node: str) -> str:
+    return f"/run/netns/{_netns(node)}"
+
+
+def _become(netns: str, hostname: str) -> None:
+    """Join a network namespace, and a new UTS namespace named `hostname` (calling thread)."""
+    fd = os.open(netns, os.O_RDONLY)
+    try:
+        _check(_LIBC.setns(fd, _CLONE_NEWNET), f"setns({netns}, CLONE_NEWNET)")
+    finally:
+        os.close(fd)
+    _check(_LIBC.unshare(_CLONE_NEWUTS), "unshare(CLONE_NEWUTS)")
+    name = hostname.encode()
+    _check(_LIBC.sethostname(name, len(name)), "sethostname")
+
+
+def _in_thread(function: Callable[[], T]) -> T:
+    """Run `function` on a thread of its own, which ends with it. setns and unshare change the
+    calling thread's namespaces only: this process's other threads keep theirs."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, function()))
+        except BaseException as error:  # re-raised on the caller's thread
+            result.append((False, error))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _socket_in(netns: str | None) -> socket.socket:
+    """A TCP socket of a network namespace (None: this process's own)."""
+    if netns is None:
+        return socket.socket()
+
+    def make() -> socket.socket:
+        fd = os.open(netns, os.O_RDONLY)
+        try:
+            _check(_LIBC.setns(fd, _CLONE_NEWNET), f"setns({netns}, CLONE_NEWNET)")
+        finally:
+            os.close(fd)
+        return socket.socket()
+
+    try:
+        return _in_thread(make)
+    except OSError as error:
+        raise NamespaceError(f"cannot open a socket in {netns}: {error}") from error
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
 def _recover_stale(target: Path) -> None:

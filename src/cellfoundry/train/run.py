@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -618,13 +619,15 @@ def train(
         interactive=interactive,
     )
     log.info(
-        "run %s: rank %d of world size %d (%d node(s) x %d device(s)), %s, precision %s, "
-        "%s parameters",
+        "run %s: rank %d of world size %d (%d node(s) x %d device(s)), node rank %d on %s, %s, "
+        "precision %s, %s parameters",
         identity.digest,
         trainer.global_rank,
         trainer.world_size,
         num_nodes,
         devices,
+        trainer.node_rank,
+        socket.gethostname(),
         type(trainer.accelerator).__name__,
         trainer.precision,
         f"{sum(p.numel() for p in system.parameters()):,}",
@@ -637,6 +640,13 @@ def train(
         run_dir,
         checkpoint_every=settings["checkpoint_every_n_steps"],
     )
-    return export_run(
+    export_dir = export_run(
         trainer, system, layout, settings, inputs, run_dir, identity=identity, seed=seed
     )
+    log.info(
+        "rank %d of world size %d finished at step %d",
+        trainer.global_rank,
+        trainer.world_size,
+        trainer.global_step,
+    )
+    return export_dir

@@ -32,6 +32,7 @@ from cellfoundry.models.encoder import EncoderConfig
 from cellfoundry.models.model import ModelConfig
 from cellfoundry.seeds import derive_seed
 from cellfoundry.train.data import ShardDataModule, VocabularyLayout, n_cells, read_medians
+from cellfoundry.train.evaluation import evaluation_callbacks
 from cellfoundry.train.export import export_model, gene_embedding_matrix
 from cellfoundry.train.objectives import make_objective
 from cellfoundry.train.system import OptimizerConfig, PretrainingSystem
@@ -304,6 +305,7 @@ def train(
     devices: int = 1,
     num_nodes: int = 1,
     accelerator: str = "auto",
+    evaluation: dict[str, Any] | None = None,
 ) -> Path:
     """Train (or resume) and export to `<run_dir>/final`; returns the export folder."""
     run_dir = Path(run_dir)
@@ -389,6 +391,7 @@ def train(
             LearningRateMonitor(logging_interval="step"),
             Throughput(settings["log_every_n_steps"], not interactive),
             *requeue,
+            *evaluation_callbacks(evaluation, inputs.manifest, seed=seed),
         ],
         plugins=[SLURMEnvironment(auto_requeue=False)] if under_slurm else None,
         logger=loggers,

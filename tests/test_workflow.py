@@ -46,7 +46,7 @@ FAST = {
 SPECIES_CHAIN = {
     "preprocess": 1, "shards": 1, "gene_stats": 1, "vocabulary": 1, "panel_hvg": 1, "splits": 1,
     "shard_manifest": 1, "gene_embeddings": 1, "train": 1, "report_corpus": 1, "report_training": 1,
-    "report_embeddings": 1,
+    "report_embeddings": 1, "report_evaluation": 1,
 }  # fmt: skip
 
 
@@ -229,7 +229,7 @@ def test_outputs_do_not_depend_on_other_datasets_or_order(demo_project, tmp_path
     assert jobs == {
         k: v
         for k, v in SPECIES_CHAIN.items()
-        if k not in ("train", "report_training", "report_embeddings")
+        if k not in ("train", "report_training", "report_embeddings", "report_evaluation")
     }
     result = other.snakemake(config=other.root / "config-full.yaml")
     assert result.returncode == 0, result.stdout[-5000:]

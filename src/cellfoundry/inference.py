@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +53,20 @@ def _exported_panels(folder: Path) -> dict[str, dict[str, Path]]:
 
 @dataclass
 class LoadedModel:
-    """An exported model with what tokenization needs: vocabularies, medians, the objective."""
+    """A model with what tokenization needs: vocabularies, medians, the objective.
+
+    `open_model` makes one from an exported folder; the training's evaluation callback
+    (`cellfoundry.train.evaluation`) makes one from the model being trained.
+    """
 
     model: CellModel
     layout: VocabularyLayout
-    config: dict[str, Any]
     mappings: dict[str, TokenMapping]
     objective: Any
     device: torch.device
+    n_bins: int
+    medians: dict[str, pl.DataFrame] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def open_model(model_dir: str | Path, *, device: str = "auto") -> LoadedModel:
@@ -72,7 +78,55 @@ def open_model(model_dir: str | Path, *, device: str = "auto") -> LoadedModel:
     objective = make_training_objective(
         config["train"], config["model"]["n_bins"], _exported_panels(folder), layout, mappings
     )
-    return LoadedModel(model, layout, config, mappings, objective, dev)
+    medians = {
+        p.name.split(".")[0]: pl.read_parquet(p)
+        for p in (folder / "gene_summaries").glob("*.parquet")
+    }
+    return LoadedModel(
+        model, layout, mappings, objective, dev, config["model"]["n_bins"], medians or None, config
+    )
+
+
+def embed_with(
+    loaded: LoadedModel, adata: ad.AnnData, *, species: str, batch_size: int = 256
+) -> np.ndarray:
+    """Embeddings [n_cells, D] of a preprocessed AnnData (raw counts, Ensembl IDs as var_names)
+    by a loaded model, which must be in eval mode.
+
+    The cells go through a temporary shard, the loader and the objective's collate without
+    masking, i.e. they are tokenized exactly as in training.
+    """
+    if species not in loaded.mappings:
+        raise CellfoundryError(
+            f"the model knows {', '.join(sorted(loaded.mappings))}, not {species}"
+        )
+    with tempfile.TemporaryDirectory(prefix="cellfoundry-embed-") as tmp:
+        write_shard(
+            adata,
+            Path(tmp) / "shard",
+            n_bins=loaded.n_bins,
+            meta={"dataset": "input", "species": species},
+        )
+        collection = ShardCollection(
+            [Path(tmp) / "shard"],
+            loaded.mappings,
+            medians=loaded.medians,
+            to_model=loaded.layout.local_to_global,
+        )
+        data = SplitData(
+            collection, loaded.layout, np.zeros(1, dtype=int), np.array([species], dtype=object)
+        )
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(collection), batch_size):
+                cells = np.arange(start, min(start + batch_size, len(collection)))
+                gathered = collection.gather(cells)
+                batch = loaded.objective.collate(
+                    gathered, data, CellNoise(0, 0, gathered.cells), train=False
+                )
+                batch = _to(mask_cells(batch, np.ones(len(cells), dtype=bool)), loaded.device)
+                out.append(loaded.model.cell_embedding(batch).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def gene_reference(folder: Path, species: str, mapping: TokenMapping) -> GeneReference:
@@ -144,46 +198,13 @@ def embed_cells(
     """Embeddings [n_cells, D] of an AnnData of raw counts (genes as Ensembl IDs or symbols)."""
     folder = Path(model_dir)
     loaded = open_model(folder, device=device)
-    model, layout, config, mappings = loaded.model, loaded.layout, loaded.config, loaded.mappings
-    objective, dev = loaded.objective, loaded.device
-    if species not in mappings:
+    if species not in loaded.mappings:
         raise CellfoundryError(
-            f"{source}: the model knows {', '.join(sorted(mappings))}, not {species}"
+            f"{source}: the model knows {', '.join(sorted(loaded.mappings))}, not {species}"
         )
-    adata = with_gene_ids(
-        adata, gene_reference(folder, species, mappings[species]), mappings[species], source=source
-    )
-    medians = {
-        p.name.split(".")[0]: pl.read_parquet(p)
-        for p in (folder / "gene_summaries").glob("*.parquet")
-    }
-    with tempfile.TemporaryDirectory(prefix="cellfoundry-embed-") as tmp:
-        write_shard(
-            adata,
-            Path(tmp) / "shard",
-            n_bins=config["model"]["n_bins"],
-            meta={"dataset": "input", "species": species},
-        )
-        collection = ShardCollection(
-            [Path(tmp) / "shard"],
-            mappings,
-            medians=medians or None,
-            to_model=layout.local_to_global,
-        )
-        data = SplitData(
-            collection, layout, np.zeros(1, dtype=int), np.array([species], dtype=object)
-        )
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(collection), batch_size):
-                cells = np.arange(start, min(start + batch_size, len(collection)))
-                gathered = collection.gather(cells)
-                batch = objective.collate(
-                    gathered, data, CellNoise(0, 0, gathered.cells), train=False
-                )
-                batch = _to(mask_cells(batch, np.ones(len(cells), dtype=bool)), dev)
-                out.append(model.cell_embedding(batch).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+    mapping = loaded.mappings[species]
+    adata = with_gene_ids(adata, gene_reference(folder, species, mapping), mapping, source=source)
+    return embed_with(loaded, adata, species=species, batch_size=batch_size)
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

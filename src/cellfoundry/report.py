@@ -3,9 +3,12 @@
 - `corpus_tables`: per dataset (cells in and kept, mapping rates) and per species (cells,
   vocabulary size, panel sizes, gene-embedding coverage);
 - `training_figure`: training and validation curves from the run's CSV metrics;
-- `embedding_report`: for every dataset with cell labels, a 2-D map (UMAP) of the trained
-  model's cell embeddings coloured by label, with a kNN label accuracy next to the same
-  kNN on a PCA of log-normalised counts (the baseline a foundation model should beat).
+- `evaluation_figures`: per evaluation dataset, the metrics the training's evaluation
+  callback logged (`cellfoundry.train.evaluation`) over steps, with the PCA baseline as a line;
+- `embedding_report`: per evaluation dataset, a 2-D map (UMAP) of the trained model's cell
+  embeddings of a seeded subsample of its cells, coloured by label, and the metrics of the
+  model beside those of a PCA of log-normalised counts (the baseline a foundation model
+  should beat).
 """
 
 from __future__ import annotations
@@ -24,16 +27,14 @@ from cellfoundry.plots import pyplot
 
 log = logging.getLogger(__name__)
 
-# obs columns that hold cell labels in the formats people bring (CELLxGENE, loom, scanpy).
-LABEL_KEYS = (
-    "cell_type",
-    "Cell_cluster",
-    "celltype",
-    "cell_ontology_class",
-    "labels",
-    "louvain",
-    "leiden",
-)
+# Metrics of `cellfoundry.metrics.embedding_metrics`, as the report names them.
+METRIC_TITLES = {
+    "knn_accuracy": "kNN label accuracy",
+    "silhouette_label": "label silhouette",
+    "silhouette_batch": "batch silhouette (within labels)",
+    "graph_connectivity": "graph connectivity",
+    "ilisi": "iLISI (batch mixing)",
+}
 
 
 def corpus_tables(
@@ -101,13 +102,15 @@ def html_tables(title: str, tables: dict[str, pl.DataFrame], *, note: str = "") 
         "table{border-collapse:collapse;margin:0 0 1.5rem 0;font-size:13px}",
         "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}",
         "th{background:#eef4fb}td.n{text-align:right}",
+        # Wide tables scroll inside the pane instead of overflowing it.
+        ".wrap{max-width:100%;overflow-x:auto;margin:0 0 1.5rem 0}.wrap table{margin:0}",
         "</style></head><body>",
         f"<h2>{html.escape(title)}</h2>",
     ]
     if note:
         parts.append(f"<p>{html.escape(note)}</p>")
     for caption, frame in tables.items():
-        parts.append(f"<h3>{html.escape(caption)}</h3><table><thead><tr>")
+        parts.append(f"<h3>{html.escape(caption)}</h3><div class='wrap'><table><thead><tr>")
         parts += [f"<th>{html.escape(c)}</th>" for c in frame.columns]
         parts.append("</tr></thead><tbody>")
         for row in frame.iter_rows():
@@ -116,7 +119,7 @@ def html_tables(title: str, tables: dict[str, pl.DataFrame], *, note: str = "") 
                 numeric = isinstance(value, int | float) and not isinstance(value, bool)
                 cells.append(f"<td{' class=n' if numeric else ''}>{html.escape(str(value))}</td>")
             parts.append("<tr>" + "".join(cells) + "</tr>")
-        parts.append("</tbody></table>")
+        parts.append("</tbody></table></div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -164,119 +167,158 @@ def training_figure(metrics_csv: str | Path, out: str | Path, *, title: str) -> 
     return summary
 
 
-def label_key(obs: pd.DataFrame) -> str | None:
-    """The obs column holding cell labels (2 to 200 distinct values), if there is one."""
-    for key in LABEL_KEYS:
-        if key in obs and 2 <= obs[key].nunique() <= 200:
-            return key
-    return None
-
-
-def knn_accuracy(
-    X: np.ndarray, labels: np.ndarray, *, k: int = 15, folds: int = 5, seed: int = 0
-) -> float:
-    """Mean k-nearest-neighbour label accuracy over stratified cross-validation folds."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
-
-    counts = pd.Series(labels).value_counts()
-    folds = int(min(folds, counts.min())) if counts.min() >= 2 else 2
-    splitter = StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=seed)
-    classifier = KNeighborsClassifier(n_neighbors=min(k, len(labels) - len(labels) // folds - 1))
-    return float(cross_val_score(classifier, X, labels, cv=splitter).mean())
-
-
-def pca_baseline(adata: ad.AnnData, n_components: int = 50) -> np.ndarray:
-    """PCA of log-normalised counts (scanpy's standard recipe), the embedding to beat."""
-    import scanpy as sc
-
-    work = ad.AnnData(X=adata.X.astype(np.float32), obs=adata.obs[[]])
-    sc.pp.normalize_total(work, target_sum=1e4)
-    sc.pp.log1p(work)
-    n = int(min(n_components, work.n_obs - 1, work.n_vars - 1))
-    sc.pp.pca(work, n_comps=n, random_state=0)
-    return work.obsm["X_pca"]
+def evaluation_figures(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
+    """One figure per evaluation dataset: each `eval/<dataset>/<metric>` over steps, with its
+    PCA baseline (`<metric>_pca`) as a dashed line. Returns the files written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = pl.read_csv(metrics_csv, infer_schema_length=None)
+    names = sorted(
+        {
+            c.split("/")[1]
+            for c in metrics.columns
+            if c.startswith("eval/") and c.count("/") == 2 and not c.endswith("_pca")
+        }
+    )
+    plt = pyplot()
+    written = []
+    for name in names:
+        present = [m for m in METRIC_TITLES if f"eval/{name}/{m}" in metrics.columns]
+        columns = min(len(present), 3)
+        rows = -(-len(present) // columns)
+        fig, axes = plt.subplots(
+            rows, columns, figsize=(3.6 * columns, 3.0 * rows + 0.6), layout="constrained",
+            squeeze=False,
+        )  # fmt: skip
+        for ax, metric in zip(axes.ravel(), present, strict=False):
+            column = f"eval/{name}/{metric}"
+            points = (
+                metrics.filter(pl.col(column).is_not_null()).select("step", column).sort("step")
+            )
+            ax.plot(points["step"], points[column], marker="o", color="#3b7dd8", label="model")
+            baseline = (
+                metrics[f"{column}_pca"].drop_nulls()
+                if f"{column}_pca" in metrics.columns
+                else None
+            )
+            if baseline is not None and baseline.len():
+                ax.axhline(
+                    float(baseline[-1]), color="#d8513b", linestyle="--", label="PCA baseline"
+                )
+            ax.set_title(METRIC_TITLES[metric], fontsize=11)
+            ax.set_xlabel("step")
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+        for ax in axes.ravel()[len(present) :]:
+            ax.set_axis_off()
+        axes.ravel()[0].legend(frameon=False, fontsize=9, loc="lower right")
+        fig.suptitle(f"{name}: cell-embedding metrics during training", fontsize=12)
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=90, metadata={"Software": None})
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def embedding_report(
-    h5ads: dict[str, list[Path]],
-    species: dict[str, str],
+    settings: dict[str, Any],
+    manifest: str | Path,
     model_dir: str | Path,
-    out_png: str | Path,
+    out_dir: str | Path,
     *,
-    k: int = 15,
     seed: int = 0,
 ) -> pl.DataFrame:
-    """UMAPs of the model's cell embeddings, coloured by label, and kNN accuracies vs PCA.
-
-    Only datasets with a label column (`LABEL_KEYS`) are shown; the table has one row each.
-    """
+    """Per evaluation dataset (the `eval` settings, resolved on the shard manifest as during
+    training), a UMAP of the model's embeddings of the same seeded subsample of cells,
+    coloured by label, written to `<out_dir>/<dataset>.png`; returns one row of metrics per
+    dataset, the model's and the PCA baseline's (`<metric>_pca`)."""
     import scanpy as sc
 
-    from cellfoundry.inference import embed_cells
+    from cellfoundry.inference import embed_with, open_model
+    from cellfoundry.metrics import embedding_metrics, pca_baseline
+    from cellfoundry.seeds import derive_seed
+    from cellfoundry.train.evaluation import resolve, sample_cells
 
-    panels = []
-    for dataset, paths in sorted(h5ads.items()):
-        for path in sorted(paths):
-            adata = ad.read_h5ad(path)
-            key = label_key(adata.obs)
-            if key is None or adata.n_obs < 20:
-                continue
-            labels = adata.obs[key].astype(str).to_numpy()
-            log.info(
-                "%s/%s: embedding %d cells labelled by %s", dataset, path.name, adata.n_obs, key
-            )
-            z = embed_cells(model_dir, adata, species=species[dataset])
-            view = ad.AnnData(
-                obs=pd.DataFrame({key: pd.Categorical(labels)}, index=adata.obs_names)
-            )
-            view.obsm["X_model"] = z
-            sc.pp.neighbors(view, use_rep="X_model", n_neighbors=k, random_state=seed)
-            sc.tl.umap(view, random_state=seed)
-            panels.append(
-                {
-                    "dataset": dataset,
-                    "file": path.name,
-                    "label_key": key,
-                    "n_cells": adata.n_obs,
-                    "n_labels": len(set(labels)),
-                    "knn_accuracy_model": round(knn_accuracy(z, labels, k=k, seed=seed), 4),
-                    "knn_accuracy_pca": round(
-                        knn_accuracy(pca_baseline(adata), labels, k=k, seed=seed), 4
-                    ),
-                    "_umap": view.obsm["X_umap"],
-                    "_labels": labels,
-                }
-            )
-    plt = pyplot()
-    n = max(len(panels), 1)
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.8), layout="constrained", squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=False):
-        categories = sorted(set(panel["_labels"]))
-        colours = plt.get_cmap("tab20", max(len(categories), 1))
-        for i, category in enumerate(categories):
-            chosen = panel["_labels"] == category
-            ax.scatter(*panel["_umap"][chosen].T, s=6, color=colours(i), label=category)
-        ax.set_title(
-            f"{panel['dataset']} ({panel['file']})\nkNN accuracy: model {panel['knn_accuracy_model']:.2f}, "
-            f"PCA {panel['knn_accuracy_pca']:.2f}",
-            fontsize=10,
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = open_model(model_dir)
+    rows = []
+    k = settings["k"]
+    for spec in resolve(settings, manifest):
+        adata = sample_cells(spec, settings["n_cells"], seed=seed)
+        labels = adata.obs["label"].to_numpy()
+        batches = adata.obs["batch"].to_numpy() if "batch" in adata.obs else None
+        log.info("%s: embedding %d cells labelled by %s", spec.name, adata.n_obs, spec.label_key)
+        z = embed_with(loaded, adata, species=spec.species)
+        local = derive_seed(seed, "eval", spec.name) % 2**32
+        model = embedding_metrics(z, labels, batches, k=k, seed=local)
+        baseline = embedding_metrics(
+            pca_baseline(
+                adata,
+                n_top_genes=settings["baseline"]["n_top_genes"],
+                n_components=settings["baseline"]["n_components"],
+                seed=local,
+            ),
+            labels,
+            batches,
+            k=k,
+            seed=local,
         )
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.legend(fontsize=6, markerscale=2, frameon=False, loc="best")
-    if not panels:
-        axes[0][0].text(0.5, 0.5, "no dataset with cell labels", ha="center", va="center")
-        axes[0][0].set_axis_off()
-    fig.savefig(out_png, dpi=90, metadata={"Software": None})
-    plt.close(fig)
+        view = ad.AnnData(
+            obs=pd.DataFrame({"label": pd.Categorical(labels)}, index=adata.obs_names)
+        )
+        view.obsm["X_model"] = z
+        sc.pp.neighbors(view, use_rep="X_model", n_neighbors=k, random_state=seed)
+        sc.tl.umap(view, random_state=seed)
+        _umap_figure(
+            view.obsm["X_umap"],
+            labels,
+            out_dir / f"{spec.name}.png",
+            title=(
+                f"{spec.name}: {adata.n_obs} cells by {spec.label_key}\n"
+                f"kNN accuracy: model {model['knn_accuracy']:.2f}, PCA {baseline['knn_accuracy']:.2f}"
+            ),
+        )
+        row: dict[str, Any] = {
+            "dataset": spec.name,
+            "label_key": spec.label_key,
+            "batch_key": spec.batch_key or "",
+            "n_cells": adata.n_obs,
+            "n_labels": len(set(labels)),
+        }
+        for metric in METRIC_TITLES:
+            row[metric] = round(model[metric], 4) if metric in model else None
+            row[f"{metric}_pca"] = round(baseline[metric], 4) if metric in baseline else None
+        rows.append(row)
     schema = {
         "dataset": pl.Utf8,
-        "file": pl.Utf8,
         "label_key": pl.Utf8,
+        "batch_key": pl.Utf8,
         "n_cells": pl.Int64,
         "n_labels": pl.Int64,
-        "knn_accuracy_model": pl.Float64,
-        "knn_accuracy_pca": pl.Float64,
+        **{f"{m}{suffix}": pl.Float64 for m in METRIC_TITLES for suffix in ("", "_pca")},
     }
-    return pl.DataFrame([{c: p[c] for c in schema} for p in panels], schema=schema)
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _umap_figure(umap: np.ndarray, labels: np.ndarray, path: Path, *, title: str) -> None:
+    """A UMAP coloured by label, the legend beside it (one column per 16 labels)."""
+    plt = pyplot()
+    categories = sorted(set(labels))
+    colours = plt.get_cmap("tab20", max(len(categories), 1))
+    columns = -(-len(categories) // 16)
+    fig, ax = plt.subplots(figsize=(6.0 + 1.8 * columns, 5.0), layout="constrained")
+    for i, category in enumerate(categories):
+        chosen = labels == category
+        ax.scatter(*umap[chosen].T, s=8, color=colours(i), label=category, linewidths=0)
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(
+        fontsize=9, markerscale=2, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5),
+        ncols=columns,
+    )  # fmt: skip
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    plt.close(fig)

@@ -274,13 +274,21 @@ def training_panels():
     ]
 
 
+def evaluation_files():
+    """Held-out files the training's evaluation reads (datasets of the sheet: their shards)."""
+    if not config["eval"]["enabled"] or config["eval"]["datasets"] == "auto":
+        return []
+    return [entry["file"] for entry in config["eval"]["datasets"] if "file" in entry]
+
+
 def model_outputs():
     if not config["train"]["enabled"]:
         return []
     return [
         out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors"),
         out(f"report/training_{TRAIN_RUN}.png"),
-        out(f"report/cell_embeddings_{TRAIN_RUN}.png"),
+        out(f"report/cell_embeddings_{TRAIN_RUN}"),
+        out(f"report/evaluation_{TRAIN_RUN}"),
     ]
 
 

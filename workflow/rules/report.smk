@@ -54,23 +54,47 @@ rule report_training:
         "--out {output.figure:q} --summary {output.summary:q} > {log:q} 2>&1"
 
 
+rule report_evaluation:
+    input:
+        out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors"),
+    output:
+        report(
+            directory(out(f"report/evaluation_{TRAIN_RUN}")),
+            patterns=["{name}.png"],
+            caption="../report/evaluation.rst",
+            category="4. Cell embeddings",
+            labels={"dataset": "{name}", "figure": "metrics during training"},
+        ),
+    log:
+        out("logs/report/evaluation.log"),
+    conda:
+        "../../envs/report.yaml"
+    params:
+        metrics=out(f"model_checkpoints/{TRAIN_RUN}/logs/metrics.csv"),
+    shell:
+        "python -m cellfoundry report-evaluation --metrics {params.metrics:q} --out-dir {output:q} "
+        "> {log:q} 2>&1"
+
+
 rule report_embeddings:
     input:
         model=out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors"),
-        h5ads=all_h5ads(sorted(DATASETS.index)),
+        manifest=out("manifests/shards.parquet"),
+        eval_files=evaluation_files(),
     output:
-        figure=report(
-            out(f"report/cell_embeddings_{TRAIN_RUN}.png"),
+        figures=report(
+            directory(out(f"report/cell_embeddings_{TRAIN_RUN}")),
+            patterns=["{name}.png"],
             caption="../report/embeddings.rst",
             category="4. Cell embeddings",
-            labels={"figure": "UMAP by label"},
+            labels={"dataset": "{name}", "figure": "UMAP by label"},
         ),
         table=out(f"report/cell_embeddings_{TRAIN_RUN}.tsv"),
         html=report(
             out(f"report/cell_embeddings_{TRAIN_RUN}.html"),
             caption="../report/embeddings.rst",
             category="4. Cell embeddings",
-            labels={"figure": "kNN accuracy"},
+            labels={"dataset": "all", "figure": "metrics: model vs PCA"},
         ),
     log:
         out("logs/report/embeddings.log"),
@@ -80,10 +104,10 @@ rule report_embeddings:
         "../../envs/report.yaml"
     params:
         model_dir=folder_of_model,
-        species=dataset_species_json(),
-        k=15,
+        settings=as_json(config["eval"]),
         seed=config["seed"],
     shell:
-        "python -m cellfoundry report-embeddings --model {params.model_dir:q} --h5ads {input.h5ads:q} "
-        "--species {params.species:q} --k {params.k} --seed {params.seed} --out {output.figure:q} "
-        "--table {output.table:q} --html {output.html:q} > {log:q} 2>&1"
+        "python -m cellfoundry report-embeddings --model {params.model_dir:q} "
+        "--manifest {input.manifest:q} --settings {params.settings:q} --seed {params.seed} "
+        "--out-dir {output.figures:q} --table {output.table:q} --html {output.html:q} "
+        "> {log:q} 2>&1"

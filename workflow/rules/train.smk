@@ -11,6 +11,7 @@ rule train:
         references=expand(out("references/genes/{species}.parquet"), species=SPECIES),
         gene_embeddings=training_gene_embeddings(),
         panels=training_panels(),
+        eval_files=evaluation_files(),
     output:
         model=out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors"),
         config=out(f"model_checkpoints/{TRAIN_RUN}/final/config.json"),
@@ -32,10 +33,11 @@ rule train:
         settings=as_json(config["train"]),
         seed=config["seed"],
         run_dir=run_dir_of_model,
+        evaluation=as_json(config["eval"]),
     shell:
         "{resources.launcher} -m cellfoundry train --settings {params.settings:q} --seed {params.seed} "
         "--manifest {input.manifest:q} --token-mappings {input.token_mappings:q} "
         "--summaries {input.summaries:q} --references {input.references:q} "
         "--gene-embeddings {input.gene_embeddings:q} --panels {input.panels:q} "
-        "--run-dir {params.run_dir:q} --devices {resources.devices} --num-nodes {resources.num_nodes} "
+        "--run-dir {params.run_dir:q} --eval {params.evaluation:q} --devices {resources.devices} --num-nodes {resources.num_nodes} "
         "> {log:q} 2>&1"

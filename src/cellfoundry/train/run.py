@@ -42,6 +42,7 @@ from cellfoundry.train.data import (
     restrict_genes,
     specials_for,
 )
+from cellfoundry.train.evaluation import evaluation_callbacks
 from cellfoundry.train.export import export_model, gene_embedding_matrix, publish
 from cellfoundry.train.identity import (
     RunIdentity,
@@ -589,6 +590,7 @@ def train(
     devices: int = 1,
     num_nodes: int = 1,
     accelerator: str = "auto",
+    evaluation: dict[str, Any] | None = None,
 ) -> Path:
     """Train (or continue) the run in `run_dir` and export it to `<run_dir>/final`."""
     run_dir = Path(run_dir)
@@ -611,7 +613,11 @@ def train(
     trainer = make_trainer(
         settings,
         run_dir,
-        [*training_callbacks(settings, run_dir, optimizer, interactive=interactive), *requeue],
+        [
+            *training_callbacks(settings, run_dir, optimizer, interactive=interactive),
+            *requeue,
+            *evaluation_callbacks(evaluation, inputs.manifest, seed=seed),
+        ],
         devices=devices,
         num_nodes=num_nodes,
         accelerator=accelerator,

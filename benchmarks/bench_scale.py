@@ -72,7 +72,9 @@ def write_cellxgene_like(path: Path, n_cells: int, *, n_genes: int = 30_000, see
             group.attrs["encoding-version"] = "0.1.0"
             group.attrs["shape"] = np.array([n_cells, n_genes])
             for dataset, dtype in (("data", np.float32), ("indices", np.int32)):
-                group.create_dataset(dataset, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 20,))
+                group.create_dataset(
+                    dataset, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 20,)
+                )
             groups[name] = group
         handle["raw"].attrs["encoding-type"] = "raw"
         handle["raw"].attrs["encoding-version"] = "0.1.0"
@@ -106,8 +108,12 @@ def write_cellxgene_like(path: Path, n_cells: int, *, n_genes: int = 30_000, see
         var = pd.DataFrame({"feature_name": gene_names}, index=pd.Index(gene_ids))
         obs = pd.DataFrame(
             {
-                "cell_type": pd.Categorical.from_codes(rng.integers(0, 20, n_cells), [f"type {i}" for i in range(20)]),
-                "donor_id": pd.Categorical.from_codes(rng.integers(0, 50, n_cells), [f"donor {i}" for i in range(50)]),
+                "cell_type": pd.Categorical.from_codes(
+                    rng.integers(0, 20, n_cells), [f"type {i}" for i in range(20)]
+                ),
+                "donor_id": pd.Categorical.from_codes(
+                    rng.integers(0, 50, n_cells), [f"donor {i}" for i in range(50)]
+                ),
                 "assay": pd.Categorical(["10x 3' v3"] * n_cells),
                 "organism_ontology_term_id": pd.Categorical(["NCBITaxon:9606"] * n_cells),
             },
@@ -127,7 +133,10 @@ def timed(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, float
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         result = subprocess.run(
             ["/usr/bin/time", "-o", report.name, "-f", "%e %M", *command],
-            env=env, cwd=cwd, capture_output=True, text=True,
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
         )
         if result.returncode:
             raise RuntimeError(f"{' '.join(command[:4])} failed:\n{result.stderr[-3000:]}")
@@ -141,12 +150,38 @@ def run_new(data: Path, reference: Path, out: Path, block_cells: int) -> dict[st
     env = {**os.environ, **ONE_CORE, "PYTHONPATH": str(REPO / "src")}
     return timed(
         [
-            sys.executable, "-m", "cellfoundry", "preprocess", "--dataset", "bench", "--file", data.stem,
-            "--species", "hsapiens", "--input", str(data), "--reference", str(reference),
-            "--settings", "{}", "--n-bins", "51", "--exact-max-cells", "10000",
-            "--block-cells", str(block_cells), "--h5ad", str(out / "out.h5ad"),
-            "--shard", str(out / "shard"), "--gene-stats", str(out / "stats.parquet"),
-            "--qc", str(out / "qc.json"), "--cells", str(out / "cells.parquet"),
+            sys.executable,
+            "-m",
+            "cellfoundry",
+            "preprocess",
+            "--dataset",
+            "bench",
+            "--file",
+            data.stem,
+            "--species",
+            "hsapiens",
+            "--input",
+            str(data),
+            "--reference",
+            str(reference),
+            "--settings",
+            "{}",
+            "--n-bins",
+            "51",
+            "--exact-max-cells",
+            "10000",
+            "--block-cells",
+            str(block_cells),
+            "--h5ad",
+            str(out / "out.h5ad"),
+            "--shard",
+            str(out / "shard"),
+            "--gene-stats",
+            str(out / "stats.parquet"),
+            "--qc",
+            str(out / "qc.json"),
+            "--cells",
+            str(out / "cells.parquet"),
         ],
         env,
         REPO,
@@ -158,32 +193,67 @@ def run_baseline(data: Path, reference: Path, out: Path, rev: str) -> dict[str, 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     tree = out / "code"
-    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), rev], cwd=REPO, check=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", "-q", str(tree), rev], cwd=REPO, check=True
+    )
     try:
         env = {**os.environ, **ONE_CORE, "PYTHONPATH": str(tree / "src")}
         pre = timed(
             [
-                sys.executable, "-m", "cellfoundry", "preprocess", "--dataset", "bench",
-                "--species", "hsapiens", "--input", str(data), "--reference", str(reference),
-                "--settings", "{}", "--h5ad-dir", str(out / "h5ads"),
-                "--gene-stats", str(out / "stats.parquet"), "--qc-json", str(out / "qc.json"),
-                "--qc-plot", str(out / "qc.png"), "--provenance", str(out / "provenance.json"),
+                sys.executable,
+                "-m",
+                "cellfoundry",
+                "preprocess",
+                "--dataset",
+                "bench",
+                "--species",
+                "hsapiens",
+                "--input",
+                str(data),
+                "--reference",
+                str(reference),
+                "--settings",
+                "{}",
+                "--h5ad-dir",
+                str(out / "h5ads"),
+                "--gene-stats",
+                str(out / "stats.parquet"),
+                "--qc-json",
+                str(out / "qc.json"),
+                "--qc-plot",
+                str(out / "qc.png"),
+                "--provenance",
+                str(out / "provenance.json"),
             ],
             env,
             tree,
         )
         shards = timed(
             [
-                sys.executable, "-m", "cellfoundry", "shards", "--dataset", "bench",
-                "--species", "hsapiens", "--h5ad-dir", str(out / "h5ads"), "--n-bins", "51",
-                "--out", str(out / "shards"),
+                sys.executable,
+                "-m",
+                "cellfoundry",
+                "shards",
+                "--dataset",
+                "bench",
+                "--species",
+                "hsapiens",
+                "--h5ad-dir",
+                str(out / "h5ads"),
+                "--n-bins",
+                "51",
+                "--out",
+                str(out / "shards"),
             ],
             env,
             tree,
         )
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
-    return {"seconds": pre["seconds"] + shards["seconds"], "rss_gib": max(pre["rss_gib"], shards["rss_gib"])}
+    return {
+        "seconds": pre["seconds"] + shards["seconds"],
+        "rss_gib": max(pre["rss_gib"], shards["rss_gib"]),
+    }
 
 
 def main() -> None:
@@ -192,7 +262,9 @@ def main() -> None:
     parser.add_argument("--baseline-cells", type=int, default=100_000, help="0: no baseline")
     parser.add_argument("--baseline-rev", default="2f105be", help="the code before streaming")
     parser.add_argument("--block-cells", type=int, default=4096)
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cellfoundry-scale")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cellfoundry-scale"
+    )
     parser.add_argument("--keep", action="store_true", help="keep outputs (inputs are always kept)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -216,11 +288,15 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(args.workdir / f"new_{n_cells}")
         if n_cells == args.baseline_cells:
-            result = run_baseline(data, reference, args.workdir / f"old_{n_cells}", args.baseline_rev)
+            result = run_baseline(
+                data, reference, args.workdir / f"old_{n_cells}", args.baseline_rev
+            )
             rows.append((f"whole file ({args.baseline_rev})", n_cells, size, None, result))
             shutil.rmtree(args.workdir / f"old_{n_cells}", ignore_errors=True)
         print(f"done {n_cells}", file=sys.stderr, flush=True)
-    print(f"\npreprocess + shards of one CELLxGENE-like h5ad, one core, block_cells={args.block_cells}\n")
+    print(
+        f"\npreprocess + shards of one CELLxGENE-like h5ad, one core, block_cells={args.block_cells}\n"
+    )
     print("| code | cells | input GiB | non-zeros kept | wall s | cells/s | peak RSS GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, n_cells, size, nnz, r in rows:
@@ -232,7 +308,9 @@ def main() -> None:
     old = {n: r for name, n, _, _, r in rows if not name.startswith("streaming")}
     if len(new) > 1:
         small, large = min(new), max(new)
-        print(f"\npeak RSS at {large:,} / at {small:,} cells: {new[large]['rss_gib'] / new[small]['rss_gib']:.2f}x")
+        print(
+            f"\npeak RSS at {large:,} / at {small:,} cells: {new[large]['rss_gib'] / new[small]['rss_gib']:.2f}x"
+        )
     for n in sorted(set(new) & set(old)):
         print(
             f"at {n:,} cells: peak RSS {old[n]['rss_gib'] / new[n]['rss_gib']:.1f}x lower, "

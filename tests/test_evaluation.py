@@ -250,7 +250,7 @@ def test_contrastive_training_beats_random_initialisation(tiny_corpus, tmp_path)
     from cellfoundry.train.run import train
 
     values = settings(
-        objective="contrastive", max_steps=80, batch_size=16, **{"optimizer.lr": 0.001}
+        objective="contrastive", max_steps=80, batch_size=32, **{"optimizer.lr": 0.001}
     )
     evaluation = eval_settings(every_n_steps=80, n_cells=120)
     train(values, family_inputs(tiny_corpus), tmp_path / "run", seed=0, evaluation=evaluation)

@@ -27,7 +27,7 @@ from cellfoundry.errors import CellfoundryError
 from cellfoundry.loader import ShardCollection
 from cellfoundry.models.model import CellModel
 from cellfoundry.preprocess import map_genes
-from cellfoundry.reference import GeneReference, read_reference
+from cellfoundry.reference import GeneReference, bundled_species, load_bundled, read_reference
 from cellfoundry.shards import write_shard
 from cellfoundry.train.data import CellNoise, SplitData, VocabularyLayout, mask_cells
 from cellfoundry.train.export import load_pretrained, load_token_mappings
@@ -130,11 +130,15 @@ def embed_with(
 
 
 def gene_reference(folder: Path, species: str, mapping: TokenMapping) -> GeneReference:
-    """The export's gene reference of a species; for exports without one, the token mapping's
-    genes and names."""
+    """The export's gene reference of a species; for exports without one, the bundled reference
+    of the species, else the token mapping's genes and names (genes outside the vocabulary
+    then do not map, and the quantile bins of a cell are taken over fewer genes than in
+    training)."""
     path = folder / "references" / f"{species}.parquet"
     if path.is_file():
         return read_reference(species, path)
+    if species in bundled_species():
+        return load_bundled(species)
     table = mapping.gene_table.select("gene_id", "gene_name").with_columns(
         pl.lit("unknown").alias("gene_type")
     )
@@ -164,7 +168,12 @@ def with_gene_ids(
         )
     mapped = np.flatnonzero([g is not None for g in found.gene_ids])
     ids = np.asarray(found.gene_ids[mapped], dtype=str)
-    unique, inverse = np.unique(ids, return_inverse=True)
+    # Genes in order of first appearance, as preprocessing orders them: an already
+    # preprocessed file keeps its gene order (the quantile bins' tie-break follows it).
+    sorted_unique, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    unique = sorted_unique[order]
+    inverse = np.argsort(order)[inverse]
     X = sp.csr_matrix(adata.X)
     merge = sp.csr_matrix(
         (np.ones(len(mapped), dtype=X.dtype), (mapped, inverse)), shape=(adata.n_vars, len(unique))

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 PREP_RULES = {
     "preprocess",
-    "shards",
+    "aggregate_dataset",
     "gene_stats",
     "vocabulary",
     "panel_hvg",
@@ -44,7 +44,8 @@ FAST = {
 }
 # The jobs a one-dataset change reruns: its own chain and the aggregations over its species.
 SPECIES_CHAIN = {
-    "preprocess": 1, "shards": 1, "gene_stats": 1, "vocabulary": 1, "panel_hvg": 1, "splits": 1,
+    "preprocess": 1, "aggregate_dataset": 1, "gene_stats": 1, "vocabulary": 1, "panel_hvg": 1,
+    "splits": 1,
     "shard_manifest": 1, "gene_embeddings": 1, "train": 1, "report_corpus": 1, "report_training": 1,
     "report_embeddings": 1, "report_evaluation": 1,
 }  # fmt: skip
@@ -91,8 +92,10 @@ def test_demo_run_writes_the_scconcept_layout(demo_project):
         qc = json.loads((results / "qc" / d.name / "qc.json").read_text())
         assert qc["cells_kept"] < qc["cells_in"]  # the demo holds QC-failing cells
         assert (results / "qc" / d.name / "qc.png").stat().st_size > 10_000
-        assert (results / "logs" / "preprocess" / f"{d.name}.log").is_file()
-        assert (results / "benchmarks" / "preprocess" / f"{d.name}.tsv").is_file()
+        for h5ad in h5ads:  # one preprocessing job per input file, with its log and benchmark
+            assert (results / "logs" / "preprocess" / d.name / f"{h5ad.stem}.log").is_file()
+            assert (results / "benchmarks" / "preprocess" / d.name / f"{h5ad.stem}.tsv").is_file()
+            assert (results / "shards" / d.name / h5ad.stem / "entries.npy").is_file()
     for species in ("hsapiens", "mmusculus"):
         mapping = pl.read_csv(
             results / "references" / "vocabulary" / "token_mappings_per_specie" / f"{species}.csv"
@@ -153,7 +156,9 @@ def test_one_dataset_setting_reruns_only_its_chain(demo_project):
     # nothing of the other datasets.
     assert jobs == SPECIES_CHAIN
     config = demo_project.root / "config-changed.yaml"
-    assert demo_project.planned_wildcards("preprocess", config=config) == ["dataset=demo_brain"]
+    assert demo_project.planned_wildcards("preprocess", config=config) == [
+        "dataset=demo_brain, file=demo_brain"
+    ]
     assert demo_project.planned_wildcards("gene_stats", config=config) == ["species=mmusculus"]
 
 
@@ -169,8 +174,58 @@ def test_adding_a_dataset_adds_only_its_jobs(demo_project):
     jobs.pop("all")
     assert jobs == SPECIES_CHAIN
     assert demo_project.planned_wildcards(
-        "shards", config=demo_project.root / "config-added.yaml"
+        "aggregate_dataset", config=demo_project.root / "config-added.yaml"
     ) == ["dataset=demo_brain_copy"]
+
+
+def test_a_folder_dataset_reruns_only_the_files_that_changed(demo_project, tmp_path):
+    """demo_retina is a folder of two looms, each preprocessed by a job of its own. Rewriting
+    one in place reruns that file's job (not its sibling's) and the aggregations; adding a
+    file adds one job; removing one reruns only the aggregations."""
+    folder = tmp_path / "retina"
+    shutil.copytree(demo_project.root / "demo" / "demo_retina", folder)
+    rows = [{"dataset": "retina_copy", "species": "mmusculus", "path": str(folder)}]
+    project = Project(tmp_path / "project", rows, {**FAST, "train": {"enabled": False}})
+    assert project.snakemake().returncode == 0
+    assert project.planned_jobs() == {}
+    results = project.results
+    before = {
+        f: digest(results / "shards" / "retina_copy" / f)
+        for f in ("retina_batch1", "retina_batch2")
+    }
+
+    # Rewritten in place (same name, new content): that file's job and the aggregations.
+    shutil.copy(
+        demo_project.root / "demo" / "demo_retina" / "retina_batch1.loom",
+        folder / "retina_batch2.loom",
+    )
+    jobs = project.planned_jobs()
+    assert jobs.pop("preprocess") == 1 and jobs.pop("aggregate_dataset") == 1
+    assert project.planned_wildcards("preprocess") == ["dataset=retina_copy, file=retina_batch2"]
+    assert project.snakemake().returncode == 0
+    assert digest(results / "shards" / "retina_copy" / "retina_batch1") == before["retina_batch1"]
+    assert digest(results / "shards" / "retina_copy" / "retina_batch2") != before["retina_batch2"]
+    provenance = json.loads((results / "provenance" / "retina_copy.json").read_text())
+    checksums = {Path(i["file"]).name: i["blake3"] for i in provenance["inputs"]}
+    assert checksums["retina_batch1.loom"] == checksums["retina_batch2.loom"]  # the new content
+
+    # A file added: one new job; the other file's job does not rerun.
+    shutil.copy(folder / "retina_batch1.loom", folder / "retina_batch3.loom")
+    assert project.planned_wildcards("preprocess") == ["dataset=retina_copy, file=retina_batch3"]
+    assert project.snakemake().returncode == 0
+    # A file removed: no preprocessing at all, the aggregations rerun without it.
+    (folder / "retina_batch3.loom").unlink()
+    jobs = project.planned_jobs()
+    assert "preprocess" not in jobs and jobs["aggregate_dataset"] == 1
+    assert project.snakemake().returncode == 0
+    manifest = json.loads((results / "shards" / "retina_copy" / "manifest.json").read_text())
+    assert [s["shard"] for s in manifest["shards"]] == ["retina_batch1", "retina_batch2"]
+    # and its outputs are gone: h5ads/ lists the dataset's current files only.
+    assert sorted(p.name for p in (results / "data" / "retina_copy" / "h5ads").iterdir()) == [
+        "retina_batch1.h5ad",
+        "retina_batch2.h5ad",
+    ]
+    assert not (results / "shards" / "retina_copy" / "retina_batch3").exists()
 
 
 def test_unsafe_dataset_name_fails_before_any_job(demo_project):

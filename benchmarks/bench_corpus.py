@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -112,8 +113,10 @@ def code_tree(rev: str | None, workdir: Path) -> Path:
     return tree
 
 
-def snakemake(tree: Path, *args: str, timeout: int = 36_000) -> tuple[float, str]:
+def snakemake(tree: Path, *args: str, timeout: int = 36_000) -> tuple[float, str, float]:
+    """Run Snakemake from `tree`: (wall seconds, its output, CPU seconds of it and its jobs)."""
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", *args],
@@ -124,11 +127,13 @@ def snakemake(tree: Path, *args: str, timeout: int = 36_000) -> tuple[float, str
         timeout=timeout,
     )
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if result.returncode:
         raise RuntimeError(
             f"snakemake {' '.join(args[:3])} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
         )
-    return elapsed, result.stdout + result.stderr
+    return elapsed, result.stdout + result.stderr, cpu
 
 
 def config_file(workdir: Path, tree: Path, sheet_path: Path, project: Path, name: str) -> Path:
@@ -170,6 +175,9 @@ def main() -> None:
     parser.add_argument("--prep", type=int, nargs="+", default=[100, 1_000])
     parser.add_argument("--baseline-prep", type=int, nargs="*", default=[100])
     parser.add_argument("--merge", type=int, default=1_000)
+    parser.add_argument(
+        "--plan-only", action="store_true", help="planning only (no prep run, no merge)"
+    )
     parser.add_argument("--baseline-rev", default="2f105be")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
@@ -195,16 +203,20 @@ def main() -> None:
                 workdir / f"plan-{tag}-{n}",
                 f"plan-{tag}-{n}",
             )
-            seconds, log = snakemake(tree, "-n", "--cores", "1", "--configfile", str(config))
-            plan_rows.append((label, n, job_count(log), seconds))
-            print(f"planned {label} {n}: {seconds:.1f} s", file=sys.stderr, flush=True)
-        for n_prep in args.prep if rev is None else args.baseline_prep:
+            seconds, log, cpu = snakemake(tree, "-n", "--cores", "1", "--configfile", str(config))
+            plan_rows.append((label, n, job_count(log), seconds, cpu))
+            print(
+                f"planned {label} {n}: {seconds:.1f} s, {cpu:.1f} CPU s",
+                file=sys.stderr,
+                flush=True,
+            )
+        for n_prep in [] if args.plan_only else args.prep if rev is None else args.baseline_prep:
             project = workdir / f"prep-{tag}-{n_prep}"
             shutil.rmtree(project, ignore_errors=True)
             config = config_file(
                 workdir, tree, sheet(workdir, files, n_prep), project, f"prep-{tag}-{n_prep}"
             )
-            seconds, log = snakemake(
+            seconds, log, _ = snakemake(
                 tree,
                 "--profile",
                 "profiles/local",
@@ -241,11 +253,12 @@ def main() -> None:
             if rev is None:
                 command += ["--exact-max-cells", "1000"]
             merge_rows.append((label, len(inputs), timed(command, env, tree)))
-    print("\n`snakemake -n` of the whole workflow (wall seconds, one process)\n")
-    print("| code | datasets | jobs | seconds |")
-    print("|---|---:|---:|---:|")
-    for label, n, jobs, seconds in plan_rows:
-        print(f"| {label} | {n:,} | {jobs:,} | {seconds:.1f} |")
+    print("\n`snakemake -n` of the whole workflow (one process; CPU seconds = its wall time on an")
+    print("otherwise idle core)\n")
+    print("| code | datasets | jobs | wall s | CPU s |")
+    print("|---|---:|---:|---:|---:|")
+    for label, n, jobs, seconds, cpu in plan_rows:
+        print(f"| {label} | {n:,} | {jobs:,} | {seconds:.1f} | {cpu:.1f} |")
     print("\n`snakemake --profile profiles/local prep` (2 cores), training off\n")
     print("| code | datasets | jobs run | wall s | jobs/s |")
     print("|---|---:|---:|---:|---:|")

@@ -379,3 +379,44 @@ def test_loader_reads_more_shards_than_open_files_allow(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "served 400 cells of 200 shards" in result.stdout
+
+
+def test_batches_held_by_the_caller_are_never_overwritten(corpus):
+    """Output memory is reused across batches only once no array of a batch is alive."""
+    collection = loader.ShardCollection(
+        [corpus["shards"][n] for n in ("a1", "a2", "b1")],
+        {"hsapiens": corpus["mapping"]},
+        medians={"hsapiens": corpus["medians"]},
+    )
+    rng = np.random.default_rng(3)
+    plans = [rng.choice(len(collection), 17, replace=False) for _ in range(12)]
+    fields = ("offsets", "tokens", "counts", "bins", "total_counts")
+
+    def copied(batch):
+        return [getattr(batch, f).copy() for f in fields]
+
+    # Every batch kept alive (more than the pool keeps), then compared with a fresh collection.
+    held = [collection.gather(cells) for cells in plans]
+    fresh = loader.ShardCollection(
+        [corpus["shards"][n] for n in ("a1", "a2", "b1")],
+        {"hsapiens": corpus["mapping"]},
+        medians={"hsapiens": corpus["medians"]},
+    )
+    expected = [copied(fresh.gather(cells)) for cells in plans]
+    for batch, want in zip(held, expected, strict=True):
+        for got, ref in zip(copied(batch), want, strict=True):
+            assert np.array_equal(got, ref)
+    # Only one array of a batch kept (a view keeps its whole block), the rest dropped.
+    tokens_only = [collection.gather(cells).tokens for cells in plans]
+    for tokens, want in zip(tokens_only, expected, strict=True):
+        assert np.array_equal(tokens, want[1])
+    # Batches dropped at once: the same block serves the next batch, with the right values.
+    del held, tokens_only
+    first = collection.gather(plans[0])
+    block = id(first.tokens.base)  # not a reference: it would keep the block in use
+    assert block in [id(kept) for kept in collection._buffers.blocks]
+    del first
+    again = collection.gather(plans[1])
+    assert id(again.tokens.base) == block
+    for got, ref in zip(copied(again), expected[1], strict=True):
+        assert np.array_equal(got, ref)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import sys
+import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -223,6 +225,7 @@ class ShardCollection:
             np.arange(len(self._held))
             - np.repeat(self._held_offsets[:-1], np.diff(self._held_offsets))
         )
+        self._all_cells = not self._select_mode.any()
         self._median = self.space.per_token(medians, "nonzero_median") if medians else None
         self._luts: dict[tuple[str, str], np.ndarray] = {}
         self._mapped: set[int] = set()
@@ -235,11 +238,13 @@ class ShardCollection:
         self._lut = _placeholders(np.zeros(0, dtype=np.int32), len(self.rows))
         self._total = _placeholders(np.zeros(0, dtype=np.float64), len(self.rows))
         self._mapped = set()
+        self._is_mapped = np.zeros(len(self.rows), dtype=bool)  # the same, for a batch at once
+        self._buffers = OutputBuffers()
 
     def __getstate__(self) -> dict[str, Any]:
         # Worker processes started by spawn map shards again on first use.
         state = self.__dict__.copy()
-        for key in ("_indptr", "_entries", "_lut", "_total", "_mapped"):
+        for key in ("_indptr", "_entries", "_lut", "_total", "_mapped", "_is_mapped", "_buffers"):
             state.pop(key)
         return state
 
@@ -269,6 +274,13 @@ class ShardCollection:
             self._luts[key] = lut
         self._lut[row] = self._luts[key]
         self._mapped.add(row)
+        self._is_mapped[row] = True
+
+    def _open_rows(self, rows: np.ndarray) -> None:
+        """Map the shards of `rows` not mapped yet."""
+        missing = rows[~self._is_mapped[rows]]
+        for r in np.unique(missing).tolist():
+            self._open(r)
 
     def lookup(self, row: int) -> np.ndarray:
         """Token id of each gene of a row's shard (-1: outside the vocabulary)."""
@@ -283,6 +295,8 @@ class ShardCollection:
     def local_cells(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Cell index within each shard of the `positions`-th cell of each row."""
         local = np.asarray(positions, dtype=np.int64).copy()
+        if self._all_cells:
+            return local
         mode = self._select_mode[rows]
         for r in np.unique(rows[mode != 0]):
             chosen = rows == r
@@ -308,9 +322,7 @@ class ShardCollection:
         cells = np.arange(len(self)) if cells is None else np.asarray(cells, dtype=np.int64)
         rows = self.shard_of(cells)
         local = self.local_cells(rows, cells - self.cell_offsets[rows])
-        for r in np.unique(rows):
-            if int(r) not in self._mapped:
-                self._open(int(r))
+        self._open_rows(rows)
         return _lengths(self._indptr, rows, local)
 
     def total_counts(self, cells: np.ndarray) -> np.ndarray:
@@ -325,26 +337,64 @@ class ShardCollection:
         return out
 
     def gather(self, cells: np.ndarray) -> SparseBatch:
-        """The cells, sorted, with genes as token ids (genes outside the vocabulary dropped)."""
+        """The cells, sorted, with genes as token ids (genes outside the vocabulary dropped).
+
+        The batch's arrays share one block of memory that later batches reuse once none of
+        them is referenced any more (`OutputBuffers`); copy what must outlive that.
+        """
         cells = np.sort(np.asarray(cells, dtype=np.int64))
         if cells.size and (cells[0] < 0 or cells[-1] >= len(self)):
             raise IndexError(f"cell ids must lie in [0, {len(self)})")
         rows = self.shard_of(cells)
-        for r in np.unique(rows):
-            if int(r) not in self._mapped:
-                self._open(int(r))
+        self._open_rows(rows)
         local = self.local_cells(rows, cells - self.cell_offsets[rows])
         if not cells.size:
             empty = np.zeros(0, dtype=np.int32)
             return SparseBatch(
                 cells, np.zeros(1, np.int64), empty, empty, empty.astype(np.uint8), rows
             )
+        starts, total = _spans(self._indptr, rows, local)
+        n = len(cells)
+        # One block: offsets (int64), tokens and counts (int32), totals (float64), bins (uint8).
         with_totals = self._median is not None
-        offsets, tokens, counts, bins, totals = _gather(
-            self._indptr, self._entries, self._lut, self._total, rows, local, with_totals
+        n_totals = n if with_totals else 0
+        sizes = (8 * (n + 1), 4 * total, 4 * total, 8 * n_totals, total)
+        bounds = np.cumsum((0, *((size + 7) // 8 * 8 for size in sizes)))
+        with self._buffers.lock:
+            block = self._buffers.take(int(bounds[-1]))
+            offsets, tokens, counts, totals, bins = (
+                block[lo : lo + size].view(dtype)
+                for lo, size, dtype in zip(
+                    bounds[:-1].tolist(),
+                    sizes,
+                    (np.int64, np.int32, np.int32, np.float64, np.uint8),
+                    strict=True,
+                )
+            )
+            del block
+        k = _gather(
+            self._indptr,
+            self._entries,
+            self._lut,
+            self._total,
+            rows,
+            local,
+            starts,
+            with_totals,
+            offsets,
+            tokens,
+            counts,
+            bins,
+            totals,
         )
         return SparseBatch(
-            cells, offsets, tokens, counts, bins, rows, totals if with_totals else None
+            cells,
+            offsets,
+            tokens[:k],
+            counts[:k],
+            bins[:k],
+            rows,
+            totals if with_totals else None,
         )
 
     def genes_outside_vocabulary(self) -> dict[str, tuple[int, int]]:
@@ -447,27 +497,43 @@ def _lengths(indptr, rows, local):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather(indptr, entries, luts, totals, rows, local, with_totals):  # pragma: no cover - compiled
-    n = rows.shape[0]
+def _spans(indptr, rows, local):  # pragma: no cover - compiled
+    """First entry of each cell in its shard, and the entries of all cells."""
+    starts = np.empty(rows.shape[0], dtype=np.int64)
     total = 0
-    for i in range(n):
+    for i in range(rows.shape[0]):
         p = indptr[rows[i]]
-        total += p[local[i] + 1] - p[local[i]]
-    offsets = np.empty(n + 1, dtype=np.int64)
-    tokens = np.empty(total, dtype=np.int32)
-    counts = np.empty(total, dtype=np.int32)
-    bins = np.empty(total, dtype=np.uint8)
-    cell_totals = np.zeros(n if with_totals else 0, dtype=np.float64)
+        starts[i] = p[local[i]]
+        total += p[local[i] + 1] - starts[i]
+    return starts, total
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather(
+    indptr,
+    entries,
+    luts,
+    totals,
+    rows,
+    local,
+    starts,
+    with_totals,
+    offsets,
+    tokens,
+    counts,
+    bins,
+    cell_totals,
+):  # pragma: no cover - compiled
+    """Copy the cells' entries into the outputs, genes as tokens; returns the entries kept."""
     k = 0
     offsets[0] = 0
-    for i in range(n):
+    for i in range(rows.shape[0]):
         r = rows[i]
-        p = indptr[r]
         records = entries[r]
         lut = luts[r]
         if with_totals:
             cell_totals[i] = totals[r][local[i]]
-        for j in range(p[local[i]], p[local[i] + 1]):
+        for j in range(starts[i], indptr[r][local[i] + 1]):
             record = records[j]
             token = lut[record.gene]
             if token >= 0:
@@ -476,7 +542,46 @@ def _gather(indptr, entries, luts, totals, rows, local, with_totals):  # pragma:
                 bins[k] = record.bin
                 k += 1
         offsets[i + 1] = k
-    return offsets, tokens[:k], counts[:k], bins[:k], cell_totals
+    return k
+
+
+class OutputBuffers:
+    """Blocks of memory for gathered batches, each handed out again once no array made from it
+    is alive.
+
+    A batch of 256 cells with ~2,000 genes each is ~4.6 MB of output. glibc returns a freed
+    block that large to the kernel (its mmap threshold and heap trimming), so a fresh block per
+    batch is page-faulted back in, page by page, on every batch: measured in
+    `benchmarks/bench_loader.py`, more than half of the gather's time. A block is reused only
+    when its reference count shows that the pool holds the last reference (every numpy view of
+    a block keeps a reference to it, as do tensors made with `torch.from_numpy`), so an array a
+    caller still holds is never overwritten. At most `keep` blocks are kept; a block is
+    `slack` times the size asked for, so batches of slightly different sizes share it.
+    """
+
+    def __init__(self, keep: int = 4, slack: float = 1.25) -> None:
+        self.keep = keep
+        self.slack = slack
+        self.blocks: list[np.ndarray] = []
+        self.lock = threading.Lock()  # hold it until the block is referenced by its views
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A uint8 block of at least `nbytes` that nothing else references."""
+        free = None
+        for i in range(len(self.blocks)):
+            block = self.blocks[i]
+            # References: the list, `block` and getrefcount's argument (not `enumerate`, whose
+            # reused result tuple would hold one more).
+            if sys.getrefcount(block) == 3:
+                if block.nbytes >= nbytes:
+                    return block
+                free = i
+        block = np.empty(max(int(nbytes * self.slack), 1), dtype=np.uint8)
+        if free is not None:  # too small: replaced by the larger one
+            self.blocks[free] = block
+        elif len(self.blocks) < self.keep:
+            self.blocks.append(block)
+        return block
 
 
 def random_batches(

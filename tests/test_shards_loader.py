@@ -420,3 +420,34 @@ def test_batches_held_by_the_caller_are_never_overwritten(corpus):
     assert id(again.tokens.base) == block
     for got, ref in zip(copied(again), expected[1], strict=True):
         assert np.array_equal(got, ref)
+
+
+def mapped_regions(path: Path) -> int:
+    return sum(str(path) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_map_npy_reads_every_header_numpy_writes_and_unmaps_with_the_last_view(tmp_path):
+    arrays = {
+        "int64": np.arange(7, dtype=np.int64),
+        "records": np.array([(1, 2, 3), (4, 5, 6)], dtype=loader.ENTRY),
+        "matrix": np.arange(24.0).reshape(2, 3, 4),
+        "scalar": np.array(5.0),
+        "wide": np.ones(3, dtype=[(f"f{i}", "<i4") for i in range(400)]),  # 8 kB header
+    }
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    with open(tmp_path / "version2.npy", "wb") as handle:
+        np.lib.format.write_array(handle, arrays["matrix"], version=(2, 0))
+    arrays["version2"] = arrays["matrix"]
+    for name, array in arrays.items():
+        mapped = loader.map_npy(tmp_path / f"{name}.npy")
+        assert (mapped.dtype, mapped.shape) == (array.dtype, array.shape), name
+        assert np.array_equal(mapped, array) and not mapped.flags.writeable, name
+    del mapped
+    path = tmp_path / "int64.npy"
+    before = mapped_regions(path)
+    view = loader.map_npy(path)[2:5]
+    assert mapped_regions(path) == before + 1
+    assert view.tolist() == [2, 3, 4]
+    del view
+    assert mapped_regions(path) == before

@@ -258,36 +258,37 @@ def measure(loader: str, n_shards: int, workdir: Path, batch_size: int, seconds:
             import torch
 
             class Batches(torch.utils.data.Dataset):
-                def __init__(self, n: int) -> None:
-                    rng = np.random.default_rng(2)
-                    self.plan = [
-                        np.sort(rng.choice(n_cells, batch_size, replace=False)) for _ in range(n)
-                    ]
+                """Batch k: a seeded random draw of cells, gathered in the worker."""
 
-                def __len__(self) -> int:
-                    return len(self.plan)
+                def __len__(self) -> int:  # the Dataset protocol; the sampler says which
+                    return n_cells
 
                 def __getitem__(self, k: int) -> int:
-                    return len(collection.gather(self.plan[k]))
+                    rng = np.random.default_rng([2, k])
+                    cells = np.sort(rng.choice(n_cells, batch_size, replace=False))
+                    return len(collection.gather(cells))
 
-            def loader_for(n: int):
-                return torch.utils.data.DataLoader(Batches(n), batch_size=None, num_workers=2)
+            # The same two workers serve every phase (each maps the shards it touches once);
+            # the batch numbers of a phase are set in the sampler, read at the phase's start.
+            plan: list[int] = []
+            workers = torch.utils.data.DataLoader(
+                Batches(), batch_size=None, sampler=plan, num_workers=2, persistent_workers=True
+            )
 
-            # A finite stream per phase: workers start, read the batches, and end.
-            t0 = time.perf_counter()
-            for _ in loader_for(20):
-                pass
-            startup = time.perf_counter() - t0
-            rate_probe = time.perf_counter()
-            n_probe = 0
-            for _ in loader_for(100):
-                n_probe += 1
-            per_batch = (time.perf_counter() - rate_probe) / n_probe
+            def phase(n: int) -> float:
+                first = plan[-1] + 1 if plan else 0
+                plan[:] = range(first, first + n)
+                t0 = time.perf_counter()
+                for _ in workers:
+                    pass
+                return time.perf_counter() - t0
+
+            startup = phase(20)  # workers start and read their first batches
+            warm = time.perf_counter()
+            while time.perf_counter() - warm < min(seconds, 30):
+                per_batch = phase(100) / 100
             n = max(20, int(seconds / per_batch))
-            t0 = time.perf_counter()
-            for _ in loader_for(n):
-                pass
-            elapsed = time.perf_counter() - t0
+            elapsed = phase(n)
             return _result(loader, n_shards, startup, n * batch_size / elapsed, None)
 
         def read(cells):

@@ -451,3 +451,19 @@ def test_map_npy_reads_every_header_numpy_writes_and_unmaps_with_the_last_view(t
     assert view.tolist() == [2, 3, 4]
     del view
     assert mapped_regions(path) == before
+
+
+def test_output_buffers_keep_a_bounded_number_of_bytes():
+    pool = loader.OutputBuffers(keep=3, max_bytes=1000, slack=1.0)
+    a = pool.take(400)
+    b = pool.take(400)
+    c = pool.take(400)  # a third block would pass max_bytes: the caller's alone
+    assert [x.nbytes for x in pool.blocks] == [400, 400]
+    assert all(c is not kept for kept in pool.blocks)
+    del a
+    assert pool.take(300) is pool.blocks[0]  # free again, and large enough
+    del b, c
+    pool.take(700)  # larger than any free block; replacing one would pass max_bytes
+    assert [x.nbytes for x in pool.blocks] == [400, 400]
+    pool.take(500)  # replaces a free block: 400 + 500 <= 1000
+    assert sorted(x.nbytes for x in pool.blocks) == [400, 500]

@@ -5,7 +5,9 @@ manifest, each a whole shard or a part of it) by one global index and serves a b
 compiled gather: the batch's cells are sorted, each cell's entries are copied from its shard,
 the shard's gene positions become token ids through a lookup built once per gene list, and
 genes outside the vocabulary are dropped. Batches stay sparse (flat arrays plus row offsets)
-until the model's collate pads or packs them.
+until the model's collate pads or packs them. A batch is written into a block of memory kept
+from earlier batches once none of their arrays is alive (`OutputBuffers`): a new block per
+batch would be page-faulted in by the kernel every time, which costs more than the copy.
 
 Scale: nothing is opened at start-up. A shard is mapped into memory the first time one of its
 cells is asked for, with the file descriptor closed right after mapping (`map_npy`), so ten
@@ -614,12 +616,14 @@ class OutputBuffers:
     `benchmarks/bench_loader.py`, more than half of the gather's time. A block is reused only
     when its reference count shows that the pool holds the last reference (every numpy view of
     a block keeps a reference to it, as do tensors made with `torch.from_numpy`), so an array a
-    caller still holds is never overwritten. At most `keep` blocks are kept; a block is
-    `slack` times the size asked for, so batches of slightly different sizes share it.
+    caller still holds is never overwritten. At most `keep` blocks and `max_bytes` in all are
+    kept (a larger batch gets memory of its own); a block is `slack` times the size asked for,
+    so batches of slightly different sizes share it.
     """
 
-    def __init__(self, keep: int = 4, slack: float = 1.25) -> None:
+    def __init__(self, keep: int = 4, max_bytes: int = 256 << 20, slack: float = 1.25) -> None:
         self.keep = keep
+        self.max_bytes = max_bytes
         self.slack = slack
         self.blocks: list[np.ndarray] = []
         self.lock = threading.Lock()  # hold it until the block is referenced by its views
@@ -636,9 +640,11 @@ class OutputBuffers:
                     return block
                 free = i
         block = np.empty(max(int(nbytes * self.slack), 1), dtype=np.uint8)
+        kept = sum(b.nbytes for b in self.blocks)
         if free is not None:  # too small: replaced by the larger one
-            self.blocks[free] = block
-        elif len(self.blocks) < self.keep:
+            if kept - self.blocks[free].nbytes + block.nbytes <= self.max_bytes:
+                self.blocks[free] = block
+        elif len(self.blocks) < self.keep and kept + block.nbytes <= self.max_bytes:
             self.blocks.append(block)
         return block
 

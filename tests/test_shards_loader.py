@@ -379,3 +379,91 @@ def test_loader_reads_more_shards_than_open_files_allow(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "served 400 cells of 200 shards" in result.stdout
+
+
+def test_batches_held_by_the_caller_are_never_overwritten(corpus):
+    """Output memory is reused across batches only once no array of a batch is alive."""
+    collection = loader.ShardCollection(
+        [corpus["shards"][n] for n in ("a1", "a2", "b1")],
+        {"hsapiens": corpus["mapping"]},
+        medians={"hsapiens": corpus["medians"]},
+    )
+    rng = np.random.default_rng(3)
+    plans = [rng.choice(len(collection), 17, replace=False) for _ in range(12)]
+    fields = ("offsets", "tokens", "counts", "bins", "total_counts")
+
+    def copied(batch):
+        return [getattr(batch, f).copy() for f in fields]
+
+    # Every batch kept alive (more than the pool keeps), then compared with a fresh collection.
+    held = [collection.gather(cells) for cells in plans]
+    fresh = loader.ShardCollection(
+        [corpus["shards"][n] for n in ("a1", "a2", "b1")],
+        {"hsapiens": corpus["mapping"]},
+        medians={"hsapiens": corpus["medians"]},
+    )
+    expected = [copied(fresh.gather(cells)) for cells in plans]
+    for batch, want in zip(held, expected, strict=True):
+        for got, ref in zip(copied(batch), want, strict=True):
+            assert np.array_equal(got, ref)
+    # Only one array of a batch kept (a view keeps its whole block), the rest dropped.
+    tokens_only = [collection.gather(cells).tokens for cells in plans]
+    for tokens, want in zip(tokens_only, expected, strict=True):
+        assert np.array_equal(tokens, want[1])
+    # Batches dropped at once: the same block serves the next batch, with the right values.
+    del held, tokens_only
+    first = collection.gather(plans[0])
+    block = id(first.tokens.base)  # not a reference: it would keep the block in use
+    assert block in [id(kept) for kept in collection._buffers.blocks]
+    del first
+    again = collection.gather(plans[1])
+    assert id(again.tokens.base) == block
+    for got, ref in zip(copied(again), expected[1], strict=True):
+        assert np.array_equal(got, ref)
+
+
+def mapped_regions(path: Path) -> int:
+    return sum(str(path) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_map_npy_reads_every_header_numpy_writes_and_unmaps_with_the_last_view(tmp_path):
+    arrays = {
+        "int64": np.arange(7, dtype=np.int64),
+        "records": np.array([(1, 2, 3), (4, 5, 6)], dtype=loader.ENTRY),
+        "matrix": np.arange(24.0).reshape(2, 3, 4),
+        "scalar": np.array(5.0),
+        "wide": np.ones(3, dtype=[(f"f{i}", "<i4") for i in range(400)]),  # 8 kB header
+    }
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    with open(tmp_path / "version2.npy", "wb") as handle:
+        np.lib.format.write_array(handle, arrays["matrix"], version=(2, 0))
+    arrays["version2"] = arrays["matrix"]
+    for name, array in arrays.items():
+        mapped = loader.map_npy(tmp_path / f"{name}.npy")
+        assert (mapped.dtype, mapped.shape) == (array.dtype, array.shape), name
+        assert np.array_equal(mapped, array) and not mapped.flags.writeable, name
+    del mapped
+    path = tmp_path / "int64.npy"
+    before = mapped_regions(path)
+    view = loader.map_npy(path)[2:5]
+    assert mapped_regions(path) == before + 1
+    assert view.tolist() == [2, 3, 4]
+    del view
+    assert mapped_regions(path) == before
+
+
+def test_output_buffers_keep_a_bounded_number_of_bytes():
+    pool = loader.OutputBuffers(keep=3, max_bytes=1000, slack=1.0)
+    a = pool.take(400)
+    b = pool.take(400)
+    c = pool.take(400)  # a third block would pass max_bytes: the caller's alone
+    assert [x.nbytes for x in pool.blocks] == [400, 400]
+    assert all(c is not kept for kept in pool.blocks)
+    del a
+    assert pool.take(300) is pool.blocks[0]  # free again, and large enough
+    del b, c
+    pool.take(700)  # larger than any free block; replacing one would pass max_bytes
+    assert [x.nbytes for x in pool.blocks] == [400, 400]
+    pool.take(500)  # replaces a free block: 400 + 500 <= 1000
+    assert sorted(x.nbytes for x in pool.blocks) == [400, 500]

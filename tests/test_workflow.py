@@ -238,6 +238,33 @@ def test_unsafe_dataset_name_fails_before_any_job(demo_project):
     assert "dataset name '../escape' is not a safe identifier" in result.stdout
 
 
+def test_preprocessing_resources_follow_the_input_size(tmp_path):
+    """A preprocessing job asks for memory and time by the size of its input: a 40 GiB file
+    (sparse on disk: planning reads only names and sizes) gets more than a small one, which gets
+    the floor."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    sizes = {"small": 2**20, "large": 40 * 2**30}
+    rows = []
+    for name, size in sizes.items():
+        path = inputs / f"{name}.h5ad"
+        with open(path, "wb") as handle:
+            handle.truncate(size)
+        rows.append({"dataset": name, "species": "hsapiens", "path": str(path)})
+    project = Project(tmp_path / "project", rows, {**FAST, "train": {"enabled": False}})
+    result = project.snakemake("-n")
+    assert result.returncode == 0, result.stdout[-3000:]
+    requested = {}
+    for job in result.stdout.split("rule preprocess:")[1:]:
+        dataset = re.search(r"wildcards: dataset=(\w+)", job).group(1)
+        resources = dict(re.findall(r"(\w+)=([\w.]+)", re.search(r"resources: (.*)", job).group(1)))
+        requested[dataset] = (int(resources["mem_mb"]), int(resources["runtime"]))
+    (small_mem, small_minutes), (large_mem, large_minutes) = requested["small"], requested["large"]
+    # 40 GiB more input: about 2 GB more memory (a few bytes per cell) and more time.
+    assert 1_500 <= small_mem < 1_600 and small_minutes == 10
+    assert large_mem - small_mem > 1_500 and large_minutes > 60
+
+
 def test_lint_and_format_are_clean(demo_project):
     lint = demo_project.snakemake("--lint")
     assert lint.returncode == 0 and "Congratulations" in lint.stdout, lint.stdout

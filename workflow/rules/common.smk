@@ -153,7 +153,9 @@ def species_of(wildcards):
 
 
 def input_mb(wildcards, input):
-    return sum(Path(p).stat().st_size for p in input.data if Path(p).exists()) / 2**20
+    """MB of the file a job reads (or of all files of an MTX folder)."""
+    data = [input.data] if isinstance(input.data, str) else input.data
+    return sum(Path(p).stat().st_size for p in data if Path(p).exists()) / 2**20
 
 
 def preprocess_mem_mb(wildcards, input, attempt):

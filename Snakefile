@@ -12,6 +12,18 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
+# Names are validated (sheet) or made safe (inputs); these patterns keep paths unambiguous and
+# are character classes, not lists of names, so planning stays fast with thousands of datasets.
+wildcard_constraints:
+    dataset="[A-Za-z0-9][A-Za-z0-9_-]*",
+    file=r"(?!manifest\.json$)[A-Za-z0-9._+-]+",
+    species="[a-z][a-z0-9_]*",
+    embedding="|".join(re.escape(name) for name in sorted(config["embeddings"]))
+    or "(?!)",
+
+
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/preprocess.smk"

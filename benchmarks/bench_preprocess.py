@@ -41,8 +41,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from cellfoundry.discretize import (
-    log2_bins,
-    median_from_histogram,
     qc_metrics,
     quantile_bins,
     quantile_bins_reference,
@@ -50,6 +48,7 @@ from cellfoundry.discretize import (
     rank_order_reference,
     tie_uniforms,
 )
+from cellfoundry.gene_stats import compute_gene_stats, nonzero_medians
 
 MOUSE_E18 = (
     Path(__file__).resolve().parents[1]
@@ -127,25 +126,15 @@ def synthetic_counts(n_cells: int, n_genes: int, nnz: int, seed: int = 0) -> sp.
     )
 
 
-def corpus_gene_scale(X: sp.csr_matrix, total_counts: np.ndarray, seed: int = 0) -> np.ndarray:
-    """1 / non-zero median of normalized expression per gene, from log2 histograms as the
-    pipeline computes it; 10% of genes are left out (scale 0) as if outside the vocabulary."""
-    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
-    bins = log2_bins(X.data / total_counts[rows] * 10_000).astype(np.int64)
-    offset = bins.min()
-    width = bins.max() - offset + 1
-    keys, counts = np.unique(
-        X.indices.astype(np.int64) * width + (bins - offset), return_counts=True
+def corpus_gene_medians(X: sp.csr_matrix, total_counts: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Non-zero median of normalized expression per gene, from the pipeline's mergeable gene
+    statistics; 10% of genes are left out (median 0) as if outside the vocabulary."""
+    medians, _ = nonzero_medians(
+        compute_gene_stats(X, np.arange(X.shape[1]).astype(str), total_counts)
     )
-    genes = keys // width
-    starts = np.searchsorted(genes, np.arange(X.shape[1] + 1))
-    scale = np.zeros(X.shape[1])
-    for gene in range(X.shape[1]):
-        lo, hi = starts[gene], starts[gene + 1]
-        if hi > lo:
-            scale[gene] = 1.0 / median_from_histogram(keys[lo:hi] % width + offset, counts[lo:hi])
-    scale[np.random.default_rng(seed).random(X.shape[1]) < 0.1] = 0.0
-    return scale
+    medians = np.nan_to_num(medians, nan=0.0)
+    medians[np.random.default_rng(seed).random(X.shape[1]) < 0.1] = 0.0
+    return medians
 
 
 def scanpy_qc(X: sp.csr_matrix, mito_mask: np.ndarray) -> Callable[[], object]:
@@ -170,7 +159,7 @@ def benchmark(name: str, X: sp.csr_matrix, mito_mask: np.ndarray, n_reference: i
     sub = X[:n_reference]
     n_sub = sub.shape[0]
     total = qc_metrics(X, mito_mask).total_counts
-    scale = corpus_gene_scale(X, total)
+    scale = corpus_gene_medians(X, total)
 
     # Warm up (compile or load from the cache) on a few cells of each dtype in play.
     qc_metrics(X[:8], mito_mask)

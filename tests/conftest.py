@@ -138,6 +138,7 @@ class Project:
         self.results = root / "results"
         self.sheet = root / "datasets.tsv"
         self.config_path = root / "config.yaml"
+        root.mkdir(parents=True, exist_ok=True)
         self.write(datasets, config or {})
 
     def write(self, datasets: list[dict[str, object]], config: dict, name: str = "") -> Path:

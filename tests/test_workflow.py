@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 PREP_RULES = {
     "preprocess",
-    "shards",
+    "aggregate_dataset",
     "gene_stats",
     "vocabulary",
     "panel_hvg",
@@ -44,7 +44,8 @@ FAST = {
 }
 # The jobs a one-dataset change reruns: its own chain and the aggregations over its species.
 SPECIES_CHAIN = {
-    "preprocess": 1, "shards": 1, "gene_stats": 1, "vocabulary": 1, "panel_hvg": 1, "splits": 1,
+    "preprocess": 1, "aggregate_dataset": 1, "gene_stats": 1, "vocabulary": 1, "panel_hvg": 1,
+    "splits": 1,
     "shard_manifest": 1, "gene_embeddings": 1, "train": 1, "report_corpus": 1, "report_training": 1,
     "report_embeddings": 1, "report_evaluation": 1,
 }  # fmt: skip
@@ -91,8 +92,10 @@ def test_demo_run_writes_the_scconcept_layout(demo_project):
         qc = json.loads((results / "qc" / d.name / "qc.json").read_text())
         assert qc["cells_kept"] < qc["cells_in"]  # the demo holds QC-failing cells
         assert (results / "qc" / d.name / "qc.png").stat().st_size > 10_000
-        assert (results / "logs" / "preprocess" / f"{d.name}.log").is_file()
-        assert (results / "benchmarks" / "preprocess" / f"{d.name}.tsv").is_file()
+        for h5ad in h5ads:  # one preprocessing job per input file, with its log and benchmark
+            assert (results / "logs" / "preprocess" / d.name / f"{h5ad.stem}.log").is_file()
+            assert (results / "benchmarks" / "preprocess" / d.name / f"{h5ad.stem}.tsv").is_file()
+            assert (results / "shards" / d.name / h5ad.stem / "entries.npy").is_file()
     for species in ("hsapiens", "mmusculus"):
         mapping = pl.read_csv(
             results / "references" / "vocabulary" / "token_mappings_per_specie" / f"{species}.csv"
@@ -153,7 +156,9 @@ def test_one_dataset_setting_reruns_only_its_chain(demo_project):
     # nothing of the other datasets.
     assert jobs == SPECIES_CHAIN
     config = demo_project.root / "config-changed.yaml"
-    assert demo_project.planned_wildcards("preprocess", config=config) == ["dataset=demo_brain"]
+    assert demo_project.planned_wildcards("preprocess", config=config) == [
+        "dataset=demo_brain, file=demo_brain"
+    ]
     assert demo_project.planned_wildcards("gene_stats", config=config) == ["species=mmusculus"]
 
 
@@ -169,8 +174,58 @@ def test_adding_a_dataset_adds_only_its_jobs(demo_project):
     jobs.pop("all")
     assert jobs == SPECIES_CHAIN
     assert demo_project.planned_wildcards(
-        "shards", config=demo_project.root / "config-added.yaml"
+        "aggregate_dataset", config=demo_project.root / "config-added.yaml"
     ) == ["dataset=demo_brain_copy"]
+
+
+def test_a_folder_dataset_reruns_only_the_files_that_changed(demo_project, tmp_path):
+    """demo_retina is a folder of two looms, each preprocessed by a job of its own. Rewriting
+    one in place reruns that file's job (not its sibling's) and the aggregations; adding a
+    file adds one job; removing one reruns only the aggregations."""
+    folder = tmp_path / "retina"
+    shutil.copytree(demo_project.root / "demo" / "demo_retina", folder)
+    rows = [{"dataset": "retina_copy", "species": "mmusculus", "path": str(folder)}]
+    project = Project(tmp_path / "project", rows, {**FAST, "train": {"enabled": False}})
+    assert project.snakemake().returncode == 0
+    assert project.planned_jobs() == {}
+    results = project.results
+    before = {
+        f: digest(results / "shards" / "retina_copy" / f)
+        for f in ("retina_batch1", "retina_batch2")
+    }
+
+    # Rewritten in place (same name, new content): that file's job and the aggregations.
+    shutil.copy(
+        demo_project.root / "demo" / "demo_retina" / "retina_batch1.loom",
+        folder / "retina_batch2.loom",
+    )
+    jobs = project.planned_jobs()
+    assert jobs.pop("preprocess") == 1 and jobs.pop("aggregate_dataset") == 1
+    assert project.planned_wildcards("preprocess") == ["dataset=retina_copy, file=retina_batch2"]
+    assert project.snakemake().returncode == 0
+    assert digest(results / "shards" / "retina_copy" / "retina_batch1") == before["retina_batch1"]
+    assert digest(results / "shards" / "retina_copy" / "retina_batch2") != before["retina_batch2"]
+    provenance = json.loads((results / "provenance" / "retina_copy.json").read_text())
+    checksums = {Path(i["file"]).name: i["blake3"] for i in provenance["inputs"]}
+    assert checksums["retina_batch1.loom"] == checksums["retina_batch2.loom"]  # the new content
+
+    # A file added: one new job; the other file's job does not rerun.
+    shutil.copy(folder / "retina_batch1.loom", folder / "retina_batch3.loom")
+    assert project.planned_wildcards("preprocess") == ["dataset=retina_copy, file=retina_batch3"]
+    assert project.snakemake().returncode == 0
+    # A file removed: no preprocessing at all, the aggregations rerun without it.
+    (folder / "retina_batch3.loom").unlink()
+    jobs = project.planned_jobs()
+    assert "preprocess" not in jobs and jobs["aggregate_dataset"] == 1
+    assert project.snakemake().returncode == 0
+    manifest = json.loads((results / "shards" / "retina_copy" / "manifest.json").read_text())
+    assert [s["shard"] for s in manifest["shards"]] == ["retina_batch1", "retina_batch2"]
+    # and its outputs are gone: h5ads/ lists the dataset's current files only.
+    assert sorted(p.name for p in (results / "data" / "retina_copy" / "h5ads").iterdir()) == [
+        "retina_batch1.h5ad",
+        "retina_batch2.h5ad",
+    ]
+    assert not (results / "shards" / "retina_copy" / "retina_batch3").exists()
 
 
 def test_unsafe_dataset_name_fails_before_any_job(demo_project):
@@ -226,10 +281,15 @@ def test_outputs_do_not_depend_on_other_datasets_or_order(demo_project, tmp_path
         config=other.write(list(reversed(demo_rows(tmp_path))), no_training, name="-full")
     )
     jobs.pop("all")
+    (added,) = [d for d in DEMO_DATASETS if d.name in mouse[1:]]
     assert jobs == {
-        k: v
-        for k, v in SPECIES_CHAIN.items()
-        if k not in ("train", "report_training", "report_embeddings", "report_evaluation")
+        **{
+            k: v
+            for k, v in SPECIES_CHAIN.items()
+            if k not in ("train", "report_training", "report_embeddings", "report_evaluation")
+        },
+        # one job per file of the added dataset (demo_retina is a folder of looms)
+        "preprocess": len(list((tmp_path / "demo" / added.path).glob("*.loom"))),
     }
     result = other.snakemake(config=other.root / "config-full.yaml")
     assert result.returncode == 0, result.stdout[-5000:]
@@ -282,7 +342,8 @@ def test_bad_datasets_fail_alone_and_rerun_after_fixing(
     for name, problem in expected.items():
         if name == "mixed" and not shared_data_optional:
             continue
-        log = (project.results / "logs" / "preprocess" / f"{name}.log").read_text()
+        (log_file,) = (project.results / "logs" / "preprocess" / name).glob("*.log")
+        log = log_file.read_text()
         errors = [line for line in log.splitlines() if "error:" in line]
         assert (
             len(errors) == 1 and f"dataset '{name}', file '" in errors[0] and problem in errors[0]
@@ -299,7 +360,7 @@ def test_bad_datasets_fail_alone_and_rerun_after_fixing(
     fixed = project.write([*good, rows[1]], {**FAST, "train": {"enabled": False}}, name="-fixed")
     jobs = project.planned_jobs(config=fixed)
     jobs.pop("all")
-    assert jobs["preprocess"] == 1 and jobs["shards"] == 1
+    assert jobs["preprocess"] == 1 and jobs["aggregate_dataset"] == 1
     result = project.snakemake(config=fixed)
     assert result.returncode == 0, result.stdout[-3000:]
 
@@ -359,7 +420,10 @@ def test_real_datasets_run_through_the_workflow(project_factory, shared_data, tm
         for r in rows
     }
     assert qc["cxg_valid"]["files"][0]["counts_source"] == "raw.X"
-    assert qc["pbmc1k_10x"]["files"][0]["genes_in"] == 36601  # antibody capture dropped
+    pbmc1k = qc["pbmc1k_10x"]["files"][0]
+    # 36,601 genes counted; the 10 antibody-capture features are left out, and counted as such.
+    assert (pbmc1k["genes_in"], pbmc1k["genes_counted"]) == (36611, 36601)
+    assert pbmc1k["features_left_out"] == {"Antibody Capture": 10}
     assert qc["e18_brain"]["cells_kept"] > 9000
     assert all(q["mapping_rate"] > 0.8 for q in qc.values())
     assert manifest["n_cells"].sum() == sum(q["cells_kept"] for q in qc.values())

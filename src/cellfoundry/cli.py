@@ -150,6 +150,7 @@ def _aggregate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
     p.add_argument("--exact-max-cells", type=int, required=True)
     p.add_argument("--reference-source", default="")
+    p.add_argument("--h5ad-dir", default="", help="data/<dataset>/h5ads (obsolete files go)")
     p.add_argument("--file-qc", nargs="+", required=True)
     p.add_argument("--file-stats", nargs="+", required=True)
     p.add_argument("--shards", nargs="+", required=True)
@@ -182,6 +183,7 @@ def _aggregate(args: argparse.Namespace) -> None:
         reference_source=args.reference_source,
         config_slice={"input": args.input, "preprocess": settings},
         exact_max_cells=args.exact_max_cells,
+        h5ad_dir=Path(args.h5ad_dir) if args.h5ad_dir else None,
     )
 
 

@@ -9,8 +9,6 @@ has an array-level function and, where that is the natural unit, a thin wrapper 
 - :func:`quantile_bins`: scGPT's per-cell quantile bins of the non-zero counts, ties between
   equal edges broken at random (scGPT's rule, reproducibly from a seed) or to the highest.
 - :func:`rank_order`: Geneformer-style rank-value encoding (gene indices, highest first).
-- :func:`log2_bins`, :func:`bin_center`, :func:`median_from_histogram`: mergeable log-scale
-  histograms, from which corpus-wide non-zero medians (Geneformer's gene scaling) are taken.
 
 The kernels are compiled with numba (``cache=True``, so a new process loads them from
 ``__pycache__`` instead of compiling). With ``parallel=False`` (the default) a kernel runs in the
@@ -35,9 +33,6 @@ import scipy.sparse as sp
 __all__ = [
     "TIE_BREAKS",
     "QCMetrics",
-    "bin_center",
-    "log2_bins",
-    "median_from_histogram",
     "qc_metrics",
     "qc_metrics_csr",
     "quantile_bins",
@@ -1189,87 +1184,3 @@ def rank_order_reference(
         out_indptr[cell + 1] = out_indptr[cell] + top.size
     out_indices = np.concatenate(ranked) if ranked else np.zeros(0, dtype=np.int32)
     return out_indptr, out_indices
-
-
-# --------------------------------------------------------------------------------------------
-# Mergeable log2 histograms and their medians
-# --------------------------------------------------------------------------------------------
-
-
-def log2_bins(values: np.ndarray, resolution: int = 64) -> np.ndarray:
-    """Map positive values to log2-spaced bins, ``floor(log2(v) * resolution)``.
-
-    With the default resolution a bin spans a factor 2**(1/64), about 1.1%. Histograms of these
-    bins from different datasets add up, bin by bin, to the histogram of the pooled values.
-
-    Parameters
-    ----------
-    values
-        Positive values, e.g. non-zero normalized expression of one gene.
-    resolution
-        Bins per doubling.
-
-    Returns
-    -------
-    int32 bin ids, one per value.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if not np.all(values > 0):
-        raise ValueError("log2_bins needs positive values")
-    return np.floor(np.log2(values) * resolution).astype(np.int32)
-
-
-def bin_center(bins: np.ndarray | int, resolution: int = 64) -> np.ndarray | float:
-    """Geometric center of log2 bins, ``2 ** ((bin + 0.5) / resolution)``.
-
-    Parameters
-    ----------
-    bins
-        Bin ids from :func:`log2_bins`.
-    resolution
-        Bins per doubling, as given to :func:`log2_bins`.
-
-    Returns
-    -------
-    The value at the middle of each bin, on the log scale.
-    """
-    return np.exp2((np.asarray(bins, dtype=np.float64) + 0.5) / resolution)
-
-
-def median_from_histogram(
-    bin_ids: np.ndarray, counts: np.ndarray, *, resolution: int = 64
-) -> float:
-    """Median of the values summarized by a log2 histogram, to within one bin.
-
-    Returns the center of the bin holding the lower median: with ``N`` values in total, the
-    first bin (in increasing bin id) whose cumulative count reaches ``N / 2``, i.e. the bin of
-    the value of rank ``ceil(N / 2)``. For odd ``N`` that is the bin of the median; for even
-    ``N`` the bin of the lower of the two middle values (``np.median`` averages the two, which
-    stays within the same bin or the next one when values are dense).
-
-    Parameters
-    ----------
-    bin_ids
-        Bin ids; any order, repeats allowed (concatenated histograms of several datasets).
-    counts
-        Number of values in each entry of ``bin_ids``, non-negative.
-    resolution
-        Bins per doubling, as given to :func:`log2_bins`.
-
-    Returns
-    -------
-    The bin center, or NaN when the histogram is empty.
-    """
-    bin_ids = np.asarray(bin_ids, dtype=np.int64)
-    counts = np.asarray(counts, dtype=np.int64)
-    if bin_ids.shape != counts.shape or bin_ids.ndim != 1:
-        raise ValueError("bin_ids and counts must be 1-d arrays of the same length")
-    if np.any(counts < 0):
-        raise ValueError("counts must be non-negative")
-    order = np.argsort(bin_ids, kind="stable")
-    cumulative = np.cumsum(counts[order])
-    n = int(cumulative[-1]) if cumulative.size else 0
-    if n == 0:
-        return float("nan")
-    first = int(np.searchsorted(2 * cumulative, n, side="left"))
-    return float(bin_center(bin_ids[order[first]], resolution))

@@ -40,7 +40,7 @@ from cellfoundry.discretize import quantile_bins_csr
 from cellfoundry.errors import DatasetError
 from cellfoundry.formats import PREPROCESS as FORMAT_VERSION
 from cellfoundry.gene_stats import EXACT_MAX_CELLS, GeneStatsAccumulator, merge_gene_stats
-from cellfoundry.io import atomic_outputs, blake3, read_json, write_json
+from cellfoundry.io import atomic_outputs, blake3, read_json, remove, write_json
 from cellfoundry.readers import (
     GENE_EXPRESSION,
     CellReader,
@@ -1090,17 +1090,20 @@ def aggregate_dataset(
     reference_source: str,
     config_slice: dict[str, Any] | None = None,
     exact_max_cells: int = EXACT_MAX_CELLS,
+    h5ad_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Merge the per-file outputs of a dataset: statistics, QC record and figure, provenance,
-    and the shard manifest, all written atomically."""
+    and the shard manifest, all written atomically. Outputs of files the dataset no longer has
+    (removed from its folder) are deleted, and logged."""
     records = [read_json(p) for p in sorted(file_qc, key=lambda p: p.name)]
-    sources = dataset_sources(dataset, path)
+    lamin = str(path).startswith("lamin://")
+    sources = dataset_sources(dataset, path) if not lamin else None
     qc = {
         "dataset": dataset,
         "species": species,
         "settings": asdict(settings),
         "files": records,
-        "ignored": [str(p) for p in sources.ignored],
+        "ignored": [str(p) for p in sources.ignored] if sources else [],
         "cells_in": sum(r["cells_in"] for r in records),
         "cells_kept": sum(r["cells_kept"] for r in records),
         "genes_mapped": sum(r["genes_mapped"] for r in records),
@@ -1111,7 +1114,7 @@ def aggregate_dataset(
         ),
         "shared_barcodes": shared_barcodes(records),
     }
-    if sources.ignored:
+    if sources and sources.ignored:
         log.info(
             "%s: not read (Cell Ranger outputs other than the filtered matrix, other files): %s",
             dataset,
@@ -1164,7 +1167,40 @@ def aggregate_dataset(
                 "versions": software_versions(),
             },
         )
+    remove_obsolete(dataset, [r["file"] for r in records], file_qc, file_stats, shards, h5ad_dir)
     return qc
+
+
+def remove_obsolete(
+    dataset: str,
+    names: list[str],
+    file_qc: list[Path],
+    file_stats: list[Path],
+    shards: list[Path],
+    h5ad_dir: Path | None,
+) -> list[Path]:
+    """Delete the per-file outputs of inputs a dataset no longer has (a file removed from its
+    folder), so that its `h5ads/` folder lists only its current files; returns what went."""
+    keep = set(names)
+    candidates: list[Path] = []
+    if file_qc:
+        folder = file_qc[0].parent
+        candidates += [p for p in folder.glob("*.json") if p.stem not in keep]
+        candidates += [
+            p
+            for p in folder.glob("*.cells.parquet")
+            if p.name.removesuffix(".cells.parquet") not in keep
+        ]
+    if file_stats:
+        candidates += [p for p in file_stats[0].parent.glob("*.parquet") if p.stem not in keep]
+    if shards:
+        candidates += [p for p in shards[0].parent.iterdir() if p.is_dir() and p.name not in keep]
+    if h5ad_dir is not None and h5ad_dir.is_dir():
+        candidates += [p for p in h5ad_dir.glob("*.h5ad") if p.stem not in keep]
+    for path in sorted(candidates):
+        remove(path)
+        log.info("%s: removed %s (its input is no longer part of the dataset)", dataset, path)
+    return candidates
 
 
 def shared_barcodes(records: list[dict[str, Any]], *, threshold: float = 0.5) -> list[list[str]]:

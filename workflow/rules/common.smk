@@ -17,21 +17,11 @@ config.update(validate_config(config, source="config"))
 DATASETS = read_dataset_sheet(config["datasets"])
 SPECIES = sorted(DATASETS["species"].unique())
 PROJECT = config["project_path"]
-# Files the demo rule writes: datasets under them are planned before they exist.
+# Files written by demo_corpus: datasets under them are planned before they exist.
 DEMO_FILES = [str(p) for p in demo_files(config["demo"]["path"])]
 # The input name of a dataset whose path cannot be read while planning: its one job fails
 # with the reason, and the other datasets go on.
 UNREADABLE = "_unreadable_dataset_"
-
-
-# Names are validated (sheet) or made safe (inputs); these patterns keep paths unambiguous and
-# are character classes, not lists of names, so planning stays fast with thousands of datasets.
-wildcard_constraints:
-    dataset="[A-Za-z0-9][A-Za-z0-9_-]*",
-    file=r"(?!manifest\.json$)[A-Za-z0-9._+-]+",
-    species="[a-z][a-z0-9_]*",
-    embedding="|".join(re.escape(name) for name in sorted(config["embeddings"]))
-    or "(?!)",
 
 
 def out(path):
@@ -410,6 +400,11 @@ def prep_outputs():
 
 
 # --- demo ------------------------------------------------------------------------------
+
+
+def demo_folder(wildcards, output):
+    """The demo folder: the common parent of the files the demo rule writes."""
+    return os.path.commonpath(list(output))
 
 
 def demo_cells_argument():

@@ -8,6 +8,6 @@ rule demo_corpus:
     params:
         seed=config["seed"],
         n_cells=demo_cells_argument(),
-        out=config["demo"]["path"],
+        out=demo_folder,
     shell:
         "python -m cellfoundry demo --out {params.out:q} --seed {params.seed} {params.n_cells} > {log:q} 2>&1"

@@ -66,10 +66,11 @@ rule aggregate_dataset:
         species=species_of,
         settings=preprocess_settings,
         exact_max_cells=config["gene_stats"]["exact_max_cells"],
+        h5ad_dir=out("data/{dataset}/h5ads"),
         version=formats.PREPROCESS,
     shell:
         "python -m cellfoundry aggregate --dataset {wildcards.dataset} --species {params.species} "
-        "--input {params.path:q} --settings {params.settings:q} "
+        "--input {params.path:q} --settings {params.settings:q} --h5ad-dir {params.h5ad_dir:q} "
         "--exact-max-cells {params.exact_max_cells} --reference-source={input.reference:q} "
         "--file-qc {input.qc:q} --file-stats {input.gene_stats:q} --shards {input.shards:q} "
         "--gene-stats {output.gene_stats:q} --qc {output.qc:q} --qc-plot {output.qc_plot:q} "

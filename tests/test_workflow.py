@@ -77,6 +77,7 @@ def demo_project(tmp_path_factory) -> Project:
     project = Project(root, demo_rows(root), FAST)
     result = project.snakemake()
     assert result.returncode == 0, result.stdout[-5000:]
+    project.terminal = result.stdout  # what a local run shows (stdout and stderr)
     return project
 
 
@@ -141,6 +142,40 @@ def test_demo_run_trains_a_model_that_loads_and_learned(demo_project):
         "demo_brain",
         "demo_retina",
     }
+
+
+def test_progress_shows_on_the_terminal_and_in_the_logs(demo_project):
+    """A local run shows the training progress (step, loss, cells/s, ETA) and each file's
+    preprocessing line on the terminal, and the same lines are in the jobs' logs."""
+    progress = re.compile(
+        rf"^step \d+/{FAST['train']['max_steps']}  loss \d+\.\d+  [\d,]+ cells/s  ETA \S+$", re.M
+    )
+    logs = demo_project.results / "logs"
+    logged = progress.findall((logs / "train" / "demo.log").read_text())
+    assert len(logged) >= 3
+    assert progress.findall(demo_project.terminal) == logged
+    for d in DEMO_DATASETS:
+        for h5ad in (demo_project.results / "data" / d.name / "h5ads").glob("*.h5ad"):
+            log = (logs / "preprocess" / d.name / f"{h5ad.stem}.log").read_text()
+            (line,) = re.findall(rf"{d.name}: {h5ad.stem}\.\w+: \d+/\d+ cells kept.*", log)
+            assert line in demo_project.terminal
+
+
+def test_parquet_outputs_read_with_pandas(demo_project):
+    """Every parquet output reads with pandas (pyarrow) as it does with polars."""
+    import pandas as pd
+
+    results = demo_project.results
+    files = sorted(results.rglob("*.parquet"))
+    for name in ("manifests/shards.parquet", "manifests/holdout.parquet", "stats/species/hsapiens.summary.parquet", "stats/datasets/demo_brain.parquet"):  # fmt: skip
+        assert results / name in files, name
+    for path in files:
+        frame, expected = pd.read_parquet(path), pl.read_parquet(path)
+        assert list(frame.columns) == expected.columns and len(frame) == expected.height, path
+    manifest = pd.read_parquet(results / "manifests" / "shards.parquet")
+    assert set(manifest["dataset"]) == {d.name for d in DEMO_DATASETS}
+    holdout = pd.read_parquet(results / "manifests" / "holdout.parquet")
+    assert holdout.groupby("dataset")["cell"].count().min() > 0
 
 
 def test_complete_run_has_nothing_left_to_do(demo_project):
@@ -226,6 +261,42 @@ def test_a_folder_dataset_reruns_only_the_files_that_changed(demo_project, tmp_p
         "retina_batch2.h5ad",
     ]
     assert not (results / "shards" / "retina_copy" / "retina_batch3").exists()
+
+
+def test_adding_datasets_keeps_every_earlier_validation_assignment(demo_project, tmp_path):
+    """The default split holds out cells by their barcodes' hash (seed, dataset, barcode):
+    datasets added to the sheet (one per species) bring their own held-out cells and leave
+    every earlier assignment, and every earlier default split file, as it was."""
+    before = demo_project.results
+    after = tmp_path / "results"
+    # A copy of the finished project (times kept, so only the added datasets' chains run).
+    shutil.copytree(
+        before, after, ignore=shutil.ignore_patterns("model_checkpoints", "report", "benchmarks")
+    )
+    root = demo_project.root
+    added = [
+        {"dataset": "demo_brain_copy", "species": "mmusculus", "path": str(root / "demo" / "demo_brain.h5ad")},
+        {"dataset": "demo_pbmc_copy", "species": "hsapiens", "path": str(root / "demo" / "demo_pbmc_ids.h5ad")},
+    ]  # fmt: skip
+    config = demo_project.write([*demo_project.datasets, *added], FAST, name="-more")
+    config.write_text(config.read_text().replace(str(before), str(after)))
+    # `--until splits`, not the target holdout.parquet: Snakemake plans nothing for a target
+    # that exists, even when inputs of its job are still to be made.
+    result = demo_project.snakemake("--until", "splits", config=config)
+    assert result.returncode == 0, result.stdout[-5000:]
+    ran = parse_job_stats(result.stdout)
+    assert ran["preprocess"] == 2 and ran["splits"] == 1, ran
+
+    old, new = (pl.read_parquet(r / "manifests" / "holdout.parquet") for r in (before, after))
+    earlier = new.filter(pl.col("dataset").is_in(old["dataset"].unique().implode()))
+    assert earlier.sort(old.columns).equals(old.sort(old.columns))
+    assert set(new["dataset"]) == set(old["dataset"]) | {a["dataset"] for a in added}
+    assert all(new.filter(pl.col("dataset") == a["dataset"]).height > 0 for a in added)
+    split_files = sorted(p.name for p in (before / "splits").glob("*.yaml"))
+    assert len(split_files) == len(DEMO_DATASETS)
+    for name in split_files:
+        assert (after / "splits" / name).read_bytes() == (before / "splits" / name).read_bytes()
+    assert all((after / "splits" / f"{a['dataset']}.yaml").is_file() for a in added)
 
 
 def test_unsafe_dataset_name_fails_before_any_job(demo_project):

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -519,6 +522,152 @@ def shared_data_splits(folder: Path, rows: list[dict[str, object]], val: str) ->
         (folder / f"{row['dataset']}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
     names = [str(r["dataset"]) for r in rows]
     return {"dir": str(folder), "train": names, "val": [val]}
+
+
+# The README's examples meant to run on the demo: fenced blocks right after this marker.
+DEMO_EXAMPLE = re.compile(r"<!-- demo-example -->\n```(\w+)\n(.*?)\n```", re.S)
+
+
+@pytest.fixture(scope="module")
+def readme_run(demo_project) -> dict[str, object]:
+    """The README's demo examples run as written, in order, after the demo run: in a folder laid
+    out like a clone (Snakefile, workflow/, profiles/) whose config/config.yaml is the demo
+    project's, so that `results/` is its results. Returns the folder, the examples with their
+    output, and the names the examples wrote into the folder."""
+    examples = DEMO_EXAMPLE.findall((REPO / "README.md").read_text())
+    assert {language for language, _ in examples} == {"bash", "python"}, examples
+    root = demo_project.root
+    for name in ("Snakefile", "workflow", "profiles"):
+        (root / name).symlink_to(REPO / name)
+    (root / "config").mkdir()
+    shutil.copyfile(demo_project.config_path, root / "config" / "config.yaml")
+    before = {p.name for p in root.iterdir()}
+    # The environment's commands (snakemake, cellfoundry, python) first, as after activating it.
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    ran = []
+    for language, body in examples:
+        command = ["bash", "-euo", "pipefail", "-c", body]
+        if language == "python":
+            command = ["python", "-c", body]
+        result = run(command, cwd=root, env=env, timeout=1800)
+        assert result.returncode == 0, f"README example failed:\n{body}\n{result.stdout[-5000:]}"
+        ran.append((body, result.stdout))
+    written = sorted({p.name for p in root.iterdir()} - before)
+    ignored = subprocess.run(
+        ["git", "-C", str(REPO), "check-ignore", "--no-index", *written],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return {"root": root, "ran": ran, "written": written, "ignored": ignored}
+
+
+def test_readme_examples_run_as_written_on_the_demo(demo_project, readme_run):
+    root, ran = readme_run["root"], dict(readme_run["ran"])
+    # The plan after a complete run is empty; `prep` has nothing to do either.
+    (plan,) = [out for body, out in ran.items() if " -n" in body]
+    assert plan.count("Nothing to be done") == 2 and "Finished job" not in plan, plan[-3000:]
+    # The other families' runs are what the later examples read.
+    exported = {
+        run: json.loads((root / "results" / "model_checkpoints" / run / "final" / "config.json").read_text())
+        for run in ("geneformer", "sedd")
+    }  # fmt: skip
+    assert exported["geneformer"]["objective"] == "geneformer_mlm"
+    assert exported["geneformer"]["model_type"] == "bert"
+    assert exported["sedd"]["objective"] == "diffusion"
+    embedded = ad.read_h5ad(root / "brain_embedded.h5ad")
+    z = embedded.obsm["X_cellfoundry"]
+    assert z.shape[0] == embedded.n_obs > 0 and np.isfinite(z).all()
+    generated = ad.read_h5ad(root / "generated.h5ad")
+    assert generated.n_obs == 100 and generated.uns["cellfoundry"]["species"] == "hsapiens"
+    assert (root / "report.html").stat().st_size > 100_000
+    # The default run is a binned-MLM model: sampling from it, or loading it as a BERT, is
+    # refused in one line.
+    refused = run(
+        ["python", "-m", "cellfoundry", "sample", "--model", "results/model_checkpoints/demo/final",
+         "--species", "hsapiens", "--out", "x.h5ad"],
+        cwd=root,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "Traceback" not in refused.stdout
+    assert refused.stdout.strip().splitlines()[-1].startswith("cellfoundry sample: error:")
+    from cellfoundry.errors import ModelFolderError
+    from cellfoundry.train.export import load_bert
+
+    with pytest.raises(ModelFolderError, match="not a BERT export"):
+        load_bert(root / "results" / "model_checkpoints" / "demo" / "final")
+
+
+def test_readme_outputs_are_ignored_by_git(readme_run):
+    """What the README's examples write at the repository root does not show up in git."""
+    if readme_run["ignored"].returncode == 128:
+        pytest.skip(f"not a git checkout: {readme_run['ignored'].stderr.strip()}")
+    assert {"report.html", "brain_embedded.h5ad", "generated.h5ad"} <= set(readme_run["written"])
+    assert readme_run["ignored"].stdout.split() == readme_run["written"]
+
+
+def test_readme_states_the_measured_job_count(tmp_path):
+    """The quick start's job count is that of `make demo` from nothing: Snakemake's plan for
+    the repository's own config and profile in a clone without results/ or resources/."""
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme[readme.index("## Quick start") : readme.index("## What lands where")]
+    (stated,) = re.findall(r"in (\d+) jobs", quick_start)
+    for name in ("Snakefile", "workflow", "profiles", "config"):
+        (tmp_path / name).symlink_to(REPO / name)
+    command = [sys.executable, "-m", "snakemake", "--profile", "profiles/local"]
+    plan = run([*command, "-n", "--quiet", "rules"], cwd=tmp_path)
+    assert plan.returncode == 0, plan.stdout[-3000:]
+    planned = parse_job_stats(plan.stdout)
+    assert planned["demo_corpus"] == 1 and planned["train"] == 1, planned
+    assert sum(planned.values()) == int(stated), planned
+
+
+@pytest.mark.browser
+def test_report_renders_every_plot_in_a_browser(readme_run, tmp_path):
+    """The report the README's command built from the demo run, clicked through in headless
+    Chromium: every result of every category shows, tables list the datasets."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from browser import chromium, open_result
+
+    report = readme_run["root"] / "report.html"
+    assert "http://" not in report.read_text().split("<script", 1)[0]  # self-contained head
+    seen: dict[str, int] = {}
+    tables: dict[str, list[str]] = {}
+    shown_before: set[str] = set()
+    with chromium(tmp_path / "chromium") as browser:
+        wait = WebDriverWait(browser, 60)
+        for category in ("1. Quality control", "2. Corpus", "3. Training", "4. Cell embeddings"):
+            browser.get(report.as_uri())
+            wait.until(ec.element_to_be_clickable((By.LINK_TEXT, category))).click()
+            eyes = (By.CSS_SELECTOR, 'a[iconname="eye"]')
+            for i in range(len(wait.until(ec.presence_of_all_elements_located(eyes)))):
+                shown = open_result(browser, i, shown_before)
+                shown_before.add(shown)
+                seen[category] = seen.get(category, 0) + 1
+                if shown.startswith("iframe"):
+                    browser.switch_to.frame(browser.find_element(By.TAG_NAME, "iframe"))
+                    rows = wait.until(
+                        ec.presence_of_all_elements_located((By.CSS_SELECTOR, "tbody tr"))
+                    )
+                    tables[category] = [r.text for r in rows]
+                    browser.switch_to.default_content()
+            browser.save_screenshot(str(tmp_path / f"{category[0]}.png"))
+    labelled = ("demo_pbmc_ids", "demo_pbmc_symbols", "demo_brain", "demo_retina")
+    assert seen == {
+        "1. Quality control": len(DEMO_DATASETS),
+        "2. Corpus": 1,
+        "3. Training": 1,
+        # Per labelled dataset: its UMAP and its metrics during training; one table.
+        "4. Cell embeddings": 2 * len(labelled) + 1,
+    }
+    # The corpus page lists every dataset and both species; the embeddings the labelled ones.
+    corpus = "\n".join(tables["2. Corpus"])
+    assert all(d.name in corpus for d in DEMO_DATASETS) and "mmusculus" in corpus
+    assert {row.split()[0] for row in tables["4. Cell embeddings"]} >= set(labelled)
+    # The screenshot of the embeddings shows a picture, not an empty page.
+    pixels = np.asarray(Image.open(tmp_path / "4.png").convert("L"), dtype=float)
+    assert pixels.std() > 10
 
 
 # Last: it retrains the demo project with other settings.

@@ -1,6 +1,7 @@
 """Corpora of thousands of datasets: planning, a real prep run, the statistics merge, the loader.
 
-    python benchmarks/bench_corpus.py [--datasets 1000 10000] [--prep 1000] [--baseline-rev 2f105be]
+    python benchmarks/bench_corpus.py [--datasets 1000 10000] [--prep 100 1000]
+                                      [--baseline-prep 100] [--baseline-rev 2f105be]
                                       [--workdir /tmp/cellfoundry-corpus] [--skip-baseline]
 
 Generates N small datasets (distinct h5ad files of 100 cells x 2,000 human genes; 10,000
@@ -9,9 +10,12 @@ the code of `--baseline-rev` (checked out into a temporary git worktree), each o
 where it is a single process:
 
 - planning: `snakemake -n` of the whole workflow for each N (wall seconds);
-- a real `snakemake --profile profiles/local prep` (training off) for N = `--prep`: wall time,
-  jobs and jobs/s;
-- the statistics merge of one species over those N/2 datasets: the `gene-stats` job's wall time
+- a real `snakemake --profile profiles/local prep` (training off) for each N of `--prep`: wall
+  time, jobs and jobs/s (the baseline only for N of `--baseline-prep`: its prep runs are as long
+  as ours, and a thousand datasets take most of an hour on two cores);
+- the statistics merge of one species over `--merge` datasets (default 1,000): the prep run's
+  per-dataset statistics, each linked under `--merge / N` distinct dataset names (the merge
+  reads and adds up as many tables as N real datasets give): the `gene-stats` job's wall time
   and peak RSS (GNU time);
 - the loader over the prep run's shards and over 10 / 1,000 / 10,000 shards
   (`bench_loader.py`'s corpus), under `ulimit -n 1024`: start-up, batches/s, peak RSS.
@@ -83,6 +87,20 @@ def sheet(workdir: Path, files: list[Path], n: int) -> Path:
     return out
 
 
+def merge_inputs(stats: Path, folder: Path, n: int) -> list[str]:
+    """`n` per-dataset statistics files: those of a prep run, hard-linked under distinct names
+    as often as needed."""
+    made = sorted(stats.glob("*.parquet"))
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        path = folder / f"d{i:05d}.parquet"
+        if not path.exists():
+            os.link(made[i % len(made)], path)
+        out.append(str(path))
+    return out
+
+
 def code_tree(rev: str | None, workdir: Path) -> Path:
     if rev is None:
         return REPO
@@ -149,7 +167,9 @@ def timed(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", type=int, nargs="+", default=[1_000, 10_000])
-    parser.add_argument("--prep", type=int, default=1_000)
+    parser.add_argument("--prep", type=int, nargs="+", default=[100, 1_000])
+    parser.add_argument("--baseline-prep", type=int, nargs="*", default=[100])
+    parser.add_argument("--merge", type=int, default=1_000)
     parser.add_argument("--baseline-rev", default="2f105be")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
@@ -158,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     workdir = args.workdir
-    files = write_files(workdir / "files", min(FILES, max([*args.datasets, args.prep])))
+    files = write_files(workdir / "files", min(FILES, max([*args.datasets, *args.prep])))
     codes = {"this code": None} | (
         {} if args.skip_baseline else {f"previous ({args.baseline_rev})": args.baseline_rev}
     )
@@ -178,39 +198,49 @@ def main() -> None:
             seconds, log = snakemake(tree, "-n", "--cores", "1", "--configfile", str(config))
             plan_rows.append((label, n, job_count(log), seconds))
             print(f"planned {label} {n}: {seconds:.1f} s", file=sys.stderr, flush=True)
-        project = workdir / f"prep-{tag}"
-        shutil.rmtree(project, ignore_errors=True)
-        config = config_file(
-            workdir, tree, sheet(workdir, files, args.prep), project, f"prep-{tag}"
-        )
-        seconds, log = snakemake(
-            tree, "--profile", "profiles/local", "--cores", "2", "--configfile", str(config), "prep"
-        )
-        jobs = len(re.findall(r"^Finished job", log, re.MULTILINE)) or len(
-            re.findall(r"Finished jobid", log)
-        )
-        prep_rows.append((label, args.prep, jobs, seconds))
-        print(f"prep {label}: {seconds:.0f} s, {jobs} jobs", file=sys.stderr, flush=True)
-        # The statistics merge of the species, alone, as its job runs it.
-        inputs = sorted(str(p) for p in (project / "stats" / "datasets").glob("*.parquet"))
-        env = {**os.environ, **ONE_CORE, "PYTHONPATH": str(tree / "src")}
-        command = [
-            sys.executable,
-            "-m",
-            "cellfoundry",
-            "gene-stats",
-            "--species",
-            "hsapiens",
-            "--inputs",
-            *inputs,
-            "--out",
-            str(workdir / f"merged-{tag}.parquet"),
-            "--summary",
-            str(workdir / f"summary-{tag}.parquet"),
-        ]
-        if rev is None:
-            command += ["--exact-max-cells", "1000"]
-        merge_rows.append((label, len(inputs), timed(command, env, tree)))
+        for n_prep in args.prep if rev is None else args.baseline_prep:
+            project = workdir / f"prep-{tag}-{n_prep}"
+            shutil.rmtree(project, ignore_errors=True)
+            config = config_file(
+                workdir, tree, sheet(workdir, files, n_prep), project, f"prep-{tag}-{n_prep}"
+            )
+            seconds, log = snakemake(
+                tree,
+                "--profile",
+                "profiles/local",
+                "--cores",
+                "2",
+                "prep",
+                "--configfile",
+                str(config),
+            )
+            jobs = len(re.findall(r"^Finished job", log, re.MULTILINE)) or len(
+                re.findall(r"Finished jobid", log)
+            )
+            prep_rows.append((label, n_prep, jobs, seconds))
+            print(f"prep {label}: {seconds:.0f} s, {jobs} jobs", file=sys.stderr, flush=True)
+            # The statistics merge of the species, alone, as its job runs it.
+            inputs = merge_inputs(
+                project / "stats" / "datasets", workdir / f"merge-{tag}-{n_prep}", args.merge
+            )
+            env = {**os.environ, **ONE_CORE, "PYTHONPATH": str(tree / "src")}
+            command = [
+                sys.executable,
+                "-m",
+                "cellfoundry",
+                "gene-stats",
+                "--species",
+                "hsapiens",
+                "--inputs",
+                *inputs,
+                "--out",
+                str(workdir / f"merged-{tag}-{n_prep}.parquet"),
+                "--summary",
+                str(workdir / f"summary-{tag}-{n_prep}.parquet"),
+            ]
+            if rev is None:
+                command += ["--exact-max-cells", "1000"]
+            merge_rows.append((label, len(inputs), timed(command, env, tree)))
     print("\n`snakemake -n` of the whole workflow (wall seconds, one process)\n")
     print("| code | datasets | jobs | seconds |")
     print("|---|---:|---:|---:|")

@@ -257,6 +257,93 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
 
 
+def prepare_dataset(
+    project: Path, demo_root: Path, name: str, config: dict, *, n_bins: int | None = None
+) -> None:
+    """Preprocess a demo dataset's files and aggregate them into `project`, by the command-line
+    stages (`preprocess` per file, then `aggregate`), as the workflow does; `n_bins` overrides
+    the config's value bins of the shards."""
+    import json
+
+    from cellfoundry.cli import main
+    from cellfoundry.demo import DEMO_DATASETS
+    from cellfoundry.sources import dataset_sources
+
+    (d,) = [d for d in DEMO_DATASETS if d.name == name]
+    settings = json.dumps(config["preprocess"])
+    n_bins = config["shards"]["n_bins"] if n_bins is None else n_bins
+    reference = str(project / "references" / "genes" / f"{d.species}.parquet")
+    files = [s.name for s in dataset_sources(name, demo_root / d.path).files]
+    per_file = {
+        key: [str(project / pattern.format(name=name, file=f)) for f in files]
+        for key, pattern in {
+            "h5ad": "data/{name}/h5ads/{file}.h5ad",
+            "shard": "shards/{name}/{file}",
+            "gene-stats": "stats/files/{name}/{file}.parquet",
+            "qc": "qc/{name}/files/{file}.json",
+            "cells": "qc/{name}/files/{file}.cells.parquet",
+        }.items()
+    }
+    for i, file in enumerate(files):
+        main(
+            [
+                "preprocess",
+                "--dataset",
+                name,
+                "--file",
+                file,
+                "--species",
+                d.species,
+                "--input",
+                str(demo_root / d.path),
+                f"--reference={reference}",
+                "--settings",
+                settings,
+                "--n-bins",
+                str(n_bins),
+                "--tie-break",
+                config["shards"]["tie_break"],
+                "--seed",
+                str(config["seed"]),
+                "--exact-max-cells",
+                str(config["gene_stats"]["exact_max_cells"]),
+                *[arg for key, paths in per_file.items() for arg in (f"--{key}", paths[i])],
+            ]
+        )
+    main(
+        [
+            "aggregate",
+            "--dataset",
+            name,
+            "--species",
+            d.species,
+            "--input",
+            str(demo_root / d.path),
+            "--settings",
+            settings,
+            "--exact-max-cells",
+            str(config["gene_stats"]["exact_max_cells"]),
+            f"--reference-source={reference}",
+            "--file-qc",
+            *per_file["qc"],
+            "--file-stats",
+            *per_file["gene-stats"],
+            "--shards",
+            *per_file["shard"],
+            "--gene-stats",
+            str(project / "stats" / "datasets" / f"{name}.parquet"),
+            "--qc",
+            str(project / "qc" / name / "qc.json"),
+            "--qc-plot",
+            str(project / "qc" / name / "qc.png"),
+            "--provenance",
+            str(project / "provenance" / f"{name}.json"),
+            "--shard-manifest",
+            str(project / "shards" / name / "manifest.json"),
+        ]
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> dict[str, object]:
     """A small prepared corpus (simulated demo, 120 cells per dataset), made by the command-line
@@ -273,7 +360,6 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
     names = ["demo_pbmc_ids", "demo_pbmc_10x", "demo_brain", "demo_retina"]
     datasets = {d.name: d for d in DEMO_DATASETS if d.name in names}
     config = validate_config({})
-    settings = json.dumps(config["preprocess"])
     species = sorted({d.species for d in datasets.values()})
     for species_name in species:
         main(
@@ -285,79 +371,8 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
                 str(project / "references" / "genes" / f"{species_name}.parquet"),
             ]
         )
-    from cellfoundry.sources import dataset_sources
-
-    for name, d in datasets.items():
-        reference = str(project / "references" / "genes" / f"{d.species}.parquet")
-        files = [s.name for s in dataset_sources(name, root / "demo" / d.path).files]
-        per_file = {
-            key: [str(project / pattern.format(name=name, file=f)) for f in files]
-            for key, pattern in {
-                "h5ad": "data/{name}/h5ads/{file}.h5ad",
-                "shard": "shards/{name}/{file}",
-                "gene-stats": "stats/files/{name}/{file}.parquet",
-                "qc": "qc/{name}/files/{file}.json",
-                "cells": "qc/{name}/files/{file}.cells.parquet",
-            }.items()
-        }
-        for i, file in enumerate(files):
-            main(
-                [
-                    "preprocess",
-                    "--dataset",
-                    name,
-                    "--file",
-                    file,
-                    "--species",
-                    d.species,
-                    "--input",
-                    str(root / "demo" / d.path),
-                    f"--reference={reference}",
-                    "--settings",
-                    settings,
-                    "--n-bins",
-                    str(config["shards"]["n_bins"]),
-                    "--tie-break",
-                    config["shards"]["tie_break"],
-                    "--seed",
-                    str(config["seed"]),
-                    "--exact-max-cells",
-                    str(config["gene_stats"]["exact_max_cells"]),
-                    *[arg for key, paths in per_file.items() for arg in (f"--{key}", paths[i])],
-                ]
-            )
-        main(
-            [
-                "aggregate",
-                "--dataset",
-                name,
-                "--species",
-                d.species,
-                "--input",
-                str(root / "demo" / d.path),
-                "--settings",
-                settings,
-                "--exact-max-cells",
-                str(config["gene_stats"]["exact_max_cells"]),
-                f"--reference-source={reference}",
-                "--file-qc",
-                *per_file["qc"],
-                "--file-stats",
-                *per_file["gene-stats"],
-                "--shards",
-                *per_file["shard"],
-                "--gene-stats",
-                str(project / "stats" / "datasets" / f"{name}.parquet"),
-                "--qc",
-                str(project / "qc" / name / "qc.json"),
-                "--qc-plot",
-                str(project / "qc" / name / "qc.png"),
-                "--provenance",
-                str(project / "provenance" / f"{name}.json"),
-                "--shard-manifest",
-                str(project / "shards" / name / "manifest.json"),
-            ]
-        )
+    for name in datasets:
+        prepare_dataset(project, root / "demo", name, config)
     token_mappings, summaries = {}, {}
     for species_name in species:
         stats = [
@@ -496,4 +511,6 @@ def tiny_corpus(tmp_path_factory) -> dict[str, object]:
         "embeddings": embeddings,
         "datasets": datasets,
         "panels": panels,
+        "demo": root / "demo",
+        "config": config,
     }

@@ -114,6 +114,7 @@ def test_unknown_lamin_reference_fails_its_dataset(project, tmp_path):
     config = project.write(rows, project.config, name="-missing")
     result = project.snakemake("--until", "preprocess", config=config)
     assert result.returncode != 0
-    log = (project.results / "logs" / "preprocess" / "missing.log").read_text()
+    (log_file,) = (project.results / "logs" / "preprocess" / "missing").glob("*.log")
+    log = log_file.read_text()
     assert "lamin://artifact/corpus/nope.h5ad" in log
     assert not (project.results / "data" / "missing").exists()

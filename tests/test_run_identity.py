@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cellfoundry.cli import main
 from cellfoundry.train.identity import run_identity
 from cellfoundry.train.run import TrainInputs, train
+from conftest import prepare_dataset
 from test_train import settings
 
 
@@ -159,24 +159,10 @@ def test_runtime_settings_resume(tiny_corpus, tmp_path, caplog, monkeypatch):
 
 
 def rewrite_shards(project: Path, corpus: dict, n_bins: int) -> None:
-    """Write the datasets' shards again, in place, with another number of value bins."""
-    for name, dataset in corpus["datasets"].items():
+    """Prepare the datasets' files again, in place, with another number of value bins."""
+    for name in corpus["datasets"]:
         shutil.rmtree(project / "shards" / name)
-        main(
-            [
-                "shards",
-                "--dataset",
-                name,
-                "--species",
-                dataset.species,
-                "--h5ad-dir",
-                str(project / "data" / name / "h5ads"),
-                "--n-bins",
-                str(n_bins),
-                "--out",
-                str(project / "shards" / name),
-            ]
-        )
+        prepare_dataset(project, corpus["demo"], name, corpus["config"], n_bins=n_bins)
 
 
 @pytest.mark.slow

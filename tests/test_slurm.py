@@ -59,7 +59,8 @@ def train_settings(**changes) -> dict[str, object]:
 
 
 def jobs_by_rule(cluster) -> dict[str, list[dict[str, str]]]:
-    """Every job the cluster still remembers (MinJobAge), grouped by Snakemake rule (its comment)."""
+    """Every job the cluster still remembers (MinJobAge), grouped by Snakemake rule (its comment;
+    a group job's is `rule_<group>_<rule>`)."""
     out: dict[str, list[dict[str, str]]] = {}
     for job in cluster.squeue():
         details = cluster.job(job["id"])
@@ -91,14 +92,27 @@ def test_demo_runs_through_slurm_and_trains_on_two_ranks(cluster_project, slurm_
     assert "rank 0 of world size 2 (1 node(s) x 2 device(s))" in log
     assert "rank 1 of world size 2 (1 node(s) x 2 device(s))" in log
     jobs = jobs_by_rule(slurm_cluster)
-    # Data preparation: ordinary CPU jobs with the profile's default resources.
-    for job in jobs["preprocess"]:
-        assert job["Partition"] == "cpu"
-        assert job["NumCPUs"] == "2"
-        assert job["TimeLimit"] == "02:00:00"
-        assert job["MinMemoryNode"] == "8000M"
-        assert job["JobState"] == "COMPLETED"
-    assert len(jobs["preprocess"]) == len(DEMO_DATASETS)
+    # Data preparation: the many small jobs share Slurm jobs (the profile's groups), CPU jobs
+    # within the pool the profile gives a group job.
+    profile = yaml.safe_load((REPO / PROFILE / "config.yaml").read_text())
+    pool = dict(entry.split("=") for entry in profile["resources"])
+    components = dict(entry.split("=") for entry in profile["group-components"])
+    n_files = len(list((results / "stats" / "files").glob("*/*.parquet")))
+    assert n_files > len(DEMO_DATASETS)  # a folder dataset brings several files
+    groups = {  # group: (its key in jobs_by_rule, members)
+        "preprocess_files": ("preprocess_files_preprocess", n_files),
+        "aggregate_datasets": ("aggregate_datasets_aggregate_dataset", len(DEMO_DATASETS)),
+    }
+    for group, (key, members) in groups.items():
+        grouped = jobs[key]
+        assert len(grouped) == -(-members // int(components[group]))
+        for job in grouped:
+            assert job["Partition"] == "cpu" and job["JobState"] == "COMPLETED"
+            assert 1 <= int(job["NumCPUs"]) <= int(pool["cpus_per_task"])
+            assert int(job["MinMemoryNode"].removesuffix("M")) <= int(pool["mem_mb"])
+    # An ungrouped preparation job keeps the profile's default resources.
+    (reference, *_) = jobs["reference"]
+    assert (reference["NumCPUs"], reference["TimeLimit"]) == ("2", "02:00:00")
     # Training: one allocation, one task per (fake) GPU, the preemption signal armed.
     (train,) = jobs["train"]
     assert train["Partition"] == "gpu"
@@ -349,43 +363,57 @@ def test_two_node_training_is_preempted_requeued_and_resumed(two_node_run):
     assert second.count(f"resuming from {saved.group(1)}") == WORLD, second[-3000:]
 
 
-def test_bad_dataset_fails_alone_on_the_cluster(slurm_cluster, tmp_path):
+def test_grouped_preparation_and_a_bad_file_failing_alone(slurm_cluster, tmp_path):
+    """Preparation jobs run in groups of four files per Slurm job; a truncated file fails only
+    its own outputs: every other file, its group's included, is prepared, and after the file
+    is fixed only it (and the aggregations waiting for it) runs."""
     root = tmp_path / "bad"
     rows = demo_rows(root, ["demo_pbmc_ids", "demo_brain"])
-    truncated = root / "inputs" / "broken.h5ad"
+    inputs = root / "inputs"
+    copies = [inputs / f"copy{i}.h5ad" for i in range(5)]
+    rows += [{"dataset": c.stem, "species": "hsapiens", "path": str(c)} for c in copies]
+    truncated = inputs / "broken.h5ad"
     rows.append({"dataset": "broken", "species": "hsapiens", "path": str(truncated)})
     root.mkdir()
     project = Project(root, rows, {**CONFIG, "train": {"enabled": False}})
     env = cluster_env(slurm_cluster)
-    # The demo files first (a local run), then break one copy.
+    # The demo files first (a local run), then copies of one and a broken copy.
     demo = project.snakemake(*[r["path"] for r in rows[:2]])
     assert demo.returncode == 0, demo.stdout[-3000:]
-    truncated.parent.mkdir()
+    inputs.mkdir()
     good_bytes = Path(rows[0]["path"]).read_bytes()
+    for copy in copies:
+        copy.write_bytes(good_bytes)
     truncated.write_bytes(good_bytes[: len(good_bytes) // 3])
+    assert len(rows) == 8  # 8 files: two groups of four, the broken file sharing one
 
-    failed = project.snakemake(*FAST_POLLING, profile=PROFILE, env=env, timeout=2400)
+    slurm_cluster.cancel_all_jobs()
+    slurm_cluster.wait_until_idle()
+    grouping = ("--group-components", "preprocess_files=4", "aggregate_datasets=4")
+    failed = project.snakemake(*FAST_POLLING, *grouping, profile=PROFILE, env=env, timeout=2400)
     assert failed.returncode != 0
-    error = (project.results / "logs" / "preprocess" / "broken.log").read_text()
-    assert "dataset 'broken', file '" in error and "cannot be read as h5ad" in error
+    (log_file,) = (project.results / "logs" / "preprocess" / "broken").glob("*.log")
+    error = log_file.read_text()
+    assert f"dataset 'broken', file '{truncated}'" in error and "cannot be read as h5ad" in error
     assert not (project.results / "data" / "broken").exists()
-    # The other datasets finished their own chains, and the mouse corpus is complete.
-    for name in ("demo_pbmc_ids", "demo_brain"):
-        assert (project.results / "shards" / name / "manifest.json").is_file()
-    assert (
-        project.results
-        / "references"
-        / "vocabulary"
-        / "token_mappings_per_specie"
-        / "mmusculus.csv"
-    ).is_file()
-
+    assert not (project.results / "shards" / "broken").exists()
+    preprocess_jobs = jobs_by_rule(slurm_cluster)["preprocess_files_preprocess"]
+    assert len(preprocess_jobs) == 2
+    assert sorted(job["JobState"] for job in preprocess_jobs) == ["COMPLETED", "FAILED"]
+    # Every other file was prepared, the three in the broken file's group too.
+    for row in rows[:-1]:
+        name = row["dataset"]
+        stem = Path(row["path"]).stem
+        assert (project.results / "shards" / name / stem).is_dir(), name
+        assert (project.results / "data" / name / "h5ads" / f"{stem}.h5ad").is_file(), name
+    # Nothing else is planned again: the next run does the broken file and what waits for it
+    # (aggregations in its group job wait too: profiles/README.md).
     truncated.write_bytes(good_bytes)
-    planned = project.planned_wildcards("preprocess")
-    assert planned == ["dataset=broken"]
-    fixed = project.snakemake(*FAST_POLLING, profile=PROFILE, env=env, timeout=2400)
+    assert project.planned_wildcards("preprocess") == ["dataset=broken, file=broken"]
+    fixed = project.snakemake(*FAST_POLLING, *grouping, profile=PROFILE, env=env, timeout=2400)
     assert fixed.returncode == 0, fixed.stdout[-6000:]
     assert (project.results / "manifests" / "shards.parquet").is_file()
+    assert project.planned_jobs() == {}
 
 
 def test_cluster_offers_its_cpus_and_fake_gpus(slurm_cluster):

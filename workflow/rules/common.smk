@@ -17,6 +17,7 @@ config.update(validate_config(config, source="config"))
 DATASETS = read_dataset_sheet(config["datasets"])
 SPECIES = sorted(DATASETS["species"].unique())
 PROJECT = config["project_path"]
+
 # Files written by demo_corpus: datasets under them are planned before they exist.
 DEMO_FILES = [str(p) for p in demo_files(config["demo"]["path"])]
 # The input name of a dataset whose path cannot be read while planning: its one job fails
@@ -74,10 +75,26 @@ def files_of(dataset):
     return sorted(SOURCES[dataset])
 
 
+def keep_going_in_group_job():
+    """Inside a group job, keep running the other members after one fails.
+
+    profiles/slurm groups the many small preparation jobs: a group job runs its members in one
+    Snakemake process inside the Slurm job, which is started without --keep-going and would stop
+    at its first failed member (snakemake/snakemake#2508), leaving the good files queued behind a
+    bad one unprocessed. Execution settings reach the workflow only after the Snakefile is parsed
+    and before the job graph is built, so the input functions of the grouped rules set it.
+    The profile's keep-incomplete keeps what the finished members wrote.
+    """
+    settings = workflow.execution_settings
+    if workflow.remote_exec and settings is not None and not settings.keep_going:
+        settings.keep_going = True
+
+
 def per_file(pattern):
     """An input function: `pattern` (with {dataset} and {file}) for each file of the dataset."""
 
     def paths(wildcards):
+        keep_going_in_group_job()
         return [
             out(pattern.format(dataset=wildcards.dataset, file=name))
             for name in files_of(wildcards.dataset)
@@ -117,6 +134,7 @@ def file_input(wildcards):
     """What the job reads: the file, or every file of an MTX folder (so a file rewritten in
     place reruns the job); nothing for a dataset that cannot be read (its job says why).
     """
+    keep_going_in_group_job()
     source = SOURCES[wildcards.dataset].get(wildcards.file)
     if source is None:
         return []

@@ -61,8 +61,7 @@ def test_geneformer_export_loads_in_hugging_face(tiny_corpus, tmp_path):
     transformers = pytest.importorskip("transformers")
     values = settings(objective="geneformer_mlm", max_steps=5, **{"model.norm_first": False})
     export = train(values, family_inputs(tiny_corpus), tmp_path / "gf", seed=0)
-    hf = transformers.BertForMaskedLM.from_pretrained(export).eval()
-    from cellfoundry.train.export import load_pretrained
+    from cellfoundry.train.export import load_bert, load_pretrained
 
     ours, layout, _ = load_pretrained(export)
     tokens = torch.randint(3, layout.n_tokens, (3, 20), generator=torch.Generator().manual_seed(0))
@@ -70,9 +69,30 @@ def test_geneformer_export_loads_in_hugging_face(tiny_corpus, tmp_path):
     tokens[2, 12:] = layout.pad_id
     padding = tokens == layout.pad_id
     with torch.inference_mode():
-        theirs = hf(input_ids=tokens, attention_mask=(~padding).long()).logits
         mine = ours.mlm_head(ours.encode({"tokens": tokens, "padding_mask": padding}))
-    torch.testing.assert_close(mine[~padding], theirs[~padding], rtol=1e-4, atol=1e-4)
+    # Hugging Face's own loader and ours give the same BERT.
+    for hf in (transformers.BertForMaskedLM.from_pretrained(export).eval(), load_bert(export)):
+        assert isinstance(hf, transformers.BertForMaskedLM) and not hf.training
+        with torch.inference_mode():
+            theirs = hf(input_ids=tokens, attention_mask=(~padding).long()).logits
+        torch.testing.assert_close(mine[~padding], theirs[~padding], rtol=1e-4, atol=1e-4)
+
+
+def test_only_a_bert_export_loads_as_bert(tiny_corpus, tmp_path):
+    """`from_pretrained` on a binned-MLM export would return a random BERT; `load_bert` refuses
+    it, and a folder without an export, in one line."""
+    pytest.importorskip("transformers")
+    from cellfoundry.errors import ModelFolderError
+    from cellfoundry.train.export import load_bert
+
+    export = train(settings(max_steps=2), inputs_of(tiny_corpus), tmp_path / "mlm", seed=0)
+    with pytest.raises(
+        ModelFolderError, match="not a BERT export: it holds a binned_mlm model"
+    ) as e:
+        load_bert(export)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ModelFolderError, match="no exported model here"):
+        load_bert(tmp_path / "nothing")
 
 
 def test_diffusion_model_generates_cells(tiny_corpus, tmp_path):

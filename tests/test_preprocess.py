@@ -275,6 +275,48 @@ def test_dataset_outputs_written_and_deterministic(make_adata, human, tmp_path):
     assert digests[0] == digests[1]
 
 
+def test_no_mitochondrial_gene_is_a_warning_in_log_qc_and_figure(
+    make_adata, human, tmp_path, caplog, monkeypatch
+):
+    """Without MT- genes mito_fraction is 0 for every cell and max_mito_fraction filters
+    nothing: the file's log, its QC record and the dataset's QC figure say so; a file with a
+    mitochondrial gene gets no such warning."""
+    import matplotlib.figure
+    import matplotlib.text
+
+    drawn: list[str] = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(figure, *args, **kwargs):
+        drawn.extend(t.get_text() for t in figure.findobj(matplotlib.text.Text))
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    adata = make_adata()
+    mito = adata.var["gene_name"].str.startswith("MT-").to_numpy()
+    assert mito.sum() == 1
+    adata.write_h5ad(tmp_path / "with_mito.h5ad")
+    adata[:, ~mito].copy().write_h5ad(tmp_path / "no_mito.h5ad")
+    seen = {}
+    for name in ("with_mito", "no_mito"):
+        caplog.clear()
+        drawn.clear()
+        with caplog.at_level(logging.WARNING, logger="cellfoundry"):
+            qc, _, out = preprocess_dataset(
+                tmp_path / f"{name}.h5ad", human, tmp_path / name, dataset=name
+            )
+        logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        seen[name] = (qc["files"][0]["warnings"], logged, list(drawn), out.qc_plot)
+    assert seen["with_mito"][:2] == ([], [])
+    assert not any("warning" in text or "no mito" in text for text in seen["with_mito"][2])
+    warnings, logged, texts, figure = seen["no_mito"]
+    assert len(warnings) == 1 and "no mitochondrial (MT-) gene" in warnings[0]
+    assert logged == [f"no_mito: no_mito.h5ad: {warnings[0]}"]
+    assert any(f"warning: {warnings[0]}" in text for text in texts)  # under the title
+    assert "no mitochondrial genes" in texts  # on the mitochondrial-fraction panel
+    assert figure.stat().st_size > 10_000
+
+
 def test_aggregating_shards_of_different_bins_leaves_no_dataset_output(make_adata, human, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -77,6 +80,7 @@ def demo_project(tmp_path_factory) -> Project:
     project = Project(root, demo_rows(root), FAST)
     result = project.snakemake()
     assert result.returncode == 0, result.stdout[-5000:]
+    project.terminal = result.stdout  # what a local run shows (stdout and stderr)
     return project
 
 
@@ -141,6 +145,40 @@ def test_demo_run_trains_a_model_that_loads_and_learned(demo_project):
         "demo_brain",
         "demo_retina",
     }
+
+
+def test_progress_shows_on_the_terminal_and_in_the_logs(demo_project):
+    """A local run shows the training progress (step, loss, cells/s, ETA) and each file's
+    preprocessing line on the terminal, and the same lines are in the jobs' logs."""
+    progress = re.compile(
+        rf"^step \d+/{FAST['train']['max_steps']}  loss \d+\.\d+  [\d,]+ cells/s  ETA \S+$", re.M
+    )
+    logs = demo_project.results / "logs"
+    logged = progress.findall((logs / "train" / "demo.log").read_text())
+    assert len(logged) >= 3
+    assert progress.findall(demo_project.terminal) == logged
+    for d in DEMO_DATASETS:
+        for h5ad in (demo_project.results / "data" / d.name / "h5ads").glob("*.h5ad"):
+            log = (logs / "preprocess" / d.name / f"{h5ad.stem}.log").read_text()
+            (line,) = re.findall(rf"{d.name}: {h5ad.stem}\.\w+: \d+/\d+ cells kept.*", log)
+            assert line in demo_project.terminal
+
+
+def test_parquet_outputs_read_with_pandas(demo_project):
+    """Every parquet output reads with pandas (pyarrow) as it does with polars."""
+    import pandas as pd
+
+    results = demo_project.results
+    files = sorted(results.rglob("*.parquet"))
+    for name in ("manifests/shards.parquet", "manifests/holdout.parquet", "stats/species/hsapiens.summary.parquet", "stats/datasets/demo_brain.parquet"):  # fmt: skip
+        assert results / name in files, name
+    for path in files:
+        frame, expected = pd.read_parquet(path), pl.read_parquet(path)
+        assert list(frame.columns) == expected.columns and len(frame) == expected.height, path
+    manifest = pd.read_parquet(results / "manifests" / "shards.parquet")
+    assert set(manifest["dataset"]) == {d.name for d in DEMO_DATASETS}
+    holdout = pd.read_parquet(results / "manifests" / "holdout.parquet")
+    assert holdout.groupby("dataset")["cell"].count().min() > 0
 
 
 def test_complete_run_has_nothing_left_to_do(demo_project):
@@ -226,6 +264,42 @@ def test_a_folder_dataset_reruns_only_the_files_that_changed(demo_project, tmp_p
         "retina_batch2.h5ad",
     ]
     assert not (results / "shards" / "retina_copy" / "retina_batch3").exists()
+
+
+def test_adding_datasets_keeps_every_earlier_validation_assignment(demo_project, tmp_path):
+    """The default split holds out cells by their barcodes' hash (seed, dataset, barcode):
+    datasets added to the sheet (one per species) bring their own held-out cells and leave
+    every earlier assignment, and every earlier default split file, as it was."""
+    before = demo_project.results
+    after = tmp_path / "results"
+    # A copy of the finished project (times kept, so only the added datasets' chains run).
+    shutil.copytree(
+        before, after, ignore=shutil.ignore_patterns("model_checkpoints", "report", "benchmarks")
+    )
+    root = demo_project.root
+    added = [
+        {"dataset": "demo_brain_copy", "species": "mmusculus", "path": str(root / "demo" / "demo_brain.h5ad")},
+        {"dataset": "demo_pbmc_copy", "species": "hsapiens", "path": str(root / "demo" / "demo_pbmc_ids.h5ad")},
+    ]  # fmt: skip
+    config = demo_project.write([*demo_project.datasets, *added], FAST, name="-more")
+    config.write_text(config.read_text().replace(str(before), str(after)))
+    # `--until splits`, not the target holdout.parquet: Snakemake plans nothing for a target
+    # that exists, even when inputs of its job are still to be made.
+    result = demo_project.snakemake("--until", "splits", config=config)
+    assert result.returncode == 0, result.stdout[-5000:]
+    ran = parse_job_stats(result.stdout)
+    assert ran["preprocess"] == 2 and ran["splits"] == 1, ran
+
+    old, new = (pl.read_parquet(r / "manifests" / "holdout.parquet") for r in (before, after))
+    earlier = new.filter(pl.col("dataset").is_in(old["dataset"].unique().implode()))
+    assert earlier.sort(old.columns).equals(old.sort(old.columns))
+    assert set(new["dataset"]) == set(old["dataset"]) | {a["dataset"] for a in added}
+    assert all(new.filter(pl.col("dataset") == a["dataset"]).height > 0 for a in added)
+    split_files = sorted(p.name for p in (before / "splits").glob("*.yaml"))
+    assert len(split_files) == len(DEMO_DATASETS)
+    for name in split_files:
+        assert (after / "splits" / name).read_bytes() == (before / "splits" / name).read_bytes()
+    assert all((after / "splits" / f"{a['dataset']}.yaml").is_file() for a in added)
 
 
 def test_unsafe_dataset_name_fails_before_any_job(demo_project):
@@ -475,6 +549,152 @@ def shared_data_splits(folder: Path, rows: list[dict[str, object]], val: str) ->
         (folder / f"{row['dataset']}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
     names = [str(r["dataset"]) for r in rows]
     return {"dir": str(folder), "train": names, "val": [val]}
+
+
+# The README's examples meant to run on the demo: fenced blocks right after this marker.
+DEMO_EXAMPLE = re.compile(r"<!-- demo-example -->\n```(\w+)\n(.*?)\n```", re.S)
+
+
+@pytest.fixture(scope="module")
+def readme_run(demo_project) -> dict[str, object]:
+    """The README's demo examples run as written, in order, after the demo run: in a folder laid
+    out like a clone (Snakefile, workflow/, profiles/) whose config/config.yaml is the demo
+    project's, so that `results/` is its results. Returns the folder, the examples with their
+    output, and the names the examples wrote into the folder."""
+    examples = DEMO_EXAMPLE.findall((REPO / "README.md").read_text())
+    assert {language for language, _ in examples} == {"bash", "python"}, examples
+    root = demo_project.root
+    for name in ("Snakefile", "workflow", "profiles"):
+        (root / name).symlink_to(REPO / name)
+    (root / "config").mkdir()
+    shutil.copyfile(demo_project.config_path, root / "config" / "config.yaml")
+    before = {p.name for p in root.iterdir()}
+    # The environment's commands (snakemake, cellfoundry, python) first, as after activating it.
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    ran = []
+    for language, body in examples:
+        command = ["bash", "-euo", "pipefail", "-c", body]
+        if language == "python":
+            command = ["python", "-c", body]
+        result = run(command, cwd=root, env=env, timeout=1800)
+        assert result.returncode == 0, f"README example failed:\n{body}\n{result.stdout[-5000:]}"
+        ran.append((body, result.stdout))
+    written = sorted({p.name for p in root.iterdir()} - before)
+    ignored = subprocess.run(
+        ["git", "-C", str(REPO), "check-ignore", "--no-index", *written],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return {"root": root, "ran": ran, "written": written, "ignored": ignored}
+
+
+def test_readme_examples_run_as_written_on_the_demo(demo_project, readme_run):
+    root, ran = readme_run["root"], dict(readme_run["ran"])
+    # The plan after a complete run is empty; `prep` has nothing to do either.
+    (plan,) = [out for body, out in ran.items() if " -n" in body]
+    assert plan.count("Nothing to be done") == 2 and "Finished job" not in plan, plan[-3000:]
+    # The other families' runs are what the later examples read.
+    exported = {
+        run: json.loads((root / "results" / "model_checkpoints" / run / "final" / "config.json").read_text())
+        for run in ("geneformer", "sedd")
+    }  # fmt: skip
+    assert exported["geneformer"]["objective"] == "geneformer_mlm"
+    assert exported["geneformer"]["model_type"] == "bert"
+    assert exported["sedd"]["objective"] == "diffusion"
+    embedded = ad.read_h5ad(root / "brain_embedded.h5ad")
+    z = embedded.obsm["X_cellfoundry"]
+    assert z.shape[0] == embedded.n_obs > 0 and np.isfinite(z).all()
+    generated = ad.read_h5ad(root / "generated.h5ad")
+    assert generated.n_obs == 100 and generated.uns["cellfoundry"]["species"] == "hsapiens"
+    assert (root / "report.html").stat().st_size > 100_000
+    # The default run is a binned-MLM model: sampling from it, or loading it as a BERT, is
+    # refused in one line.
+    refused = run(
+        ["python", "-m", "cellfoundry", "sample", "--model", "results/model_checkpoints/demo/final",
+         "--species", "hsapiens", "--out", "x.h5ad"],
+        cwd=root,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "Traceback" not in refused.stdout
+    assert refused.stdout.strip().splitlines()[-1].startswith("cellfoundry sample: error:")
+    from cellfoundry.errors import ModelFolderError
+    from cellfoundry.train.export import load_bert
+
+    with pytest.raises(ModelFolderError, match="not a BERT export"):
+        load_bert(root / "results" / "model_checkpoints" / "demo" / "final")
+
+
+def test_readme_outputs_are_ignored_by_git(readme_run):
+    """What the README's examples write at the repository root does not show up in git."""
+    if readme_run["ignored"].returncode == 128:
+        pytest.skip(f"not a git checkout: {readme_run['ignored'].stderr.strip()}")
+    assert {"report.html", "brain_embedded.h5ad", "generated.h5ad"} <= set(readme_run["written"])
+    assert readme_run["ignored"].stdout.split() == readme_run["written"]
+
+
+def test_readme_states_the_measured_job_count(tmp_path):
+    """The quick start's job count is that of `make demo` from nothing: Snakemake's plan for
+    the repository's own config and profile in a clone without results/ or resources/."""
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme[readme.index("## Quick start") : readme.index("## What lands where")]
+    (stated,) = re.findall(r"in (\d+) jobs", quick_start)
+    for name in ("Snakefile", "workflow", "profiles", "config"):
+        (tmp_path / name).symlink_to(REPO / name)
+    command = [sys.executable, "-m", "snakemake", "--profile", "profiles/local"]
+    plan = run([*command, "-n", "--quiet", "rules"], cwd=tmp_path)
+    assert plan.returncode == 0, plan.stdout[-3000:]
+    planned = parse_job_stats(plan.stdout)
+    assert planned["demo_corpus"] == 1 and planned["train"] == 1, planned
+    assert sum(planned.values()) == int(stated), planned
+
+
+@pytest.mark.browser
+def test_report_renders_every_plot_in_a_browser(readme_run, tmp_path):
+    """The report the README's command built from the demo run, clicked through in headless
+    Chromium: every result of every category shows, tables list the datasets."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from browser import chromium, open_result
+
+    report = readme_run["root"] / "report.html"
+    assert "http://" not in report.read_text().split("<script", 1)[0]  # self-contained head
+    seen: dict[str, int] = {}
+    tables: dict[str, list[str]] = {}
+    shown_before: set[str] = set()
+    with chromium(tmp_path / "chromium") as browser:
+        wait = WebDriverWait(browser, 60)
+        for category in ("1. Quality control", "2. Corpus", "3. Training", "4. Cell embeddings"):
+            browser.get(report.as_uri())
+            wait.until(ec.element_to_be_clickable((By.LINK_TEXT, category))).click()
+            eyes = (By.CSS_SELECTOR, 'a[iconname="eye"]')
+            for i in range(len(wait.until(ec.presence_of_all_elements_located(eyes)))):
+                shown = open_result(browser, i, shown_before)
+                shown_before.add(shown)
+                seen[category] = seen.get(category, 0) + 1
+                if shown.startswith("iframe"):
+                    browser.switch_to.frame(browser.find_element(By.TAG_NAME, "iframe"))
+                    rows = wait.until(
+                        ec.presence_of_all_elements_located((By.CSS_SELECTOR, "tbody tr"))
+                    )
+                    tables[category] = [r.text for r in rows]
+                    browser.switch_to.default_content()
+            browser.save_screenshot(str(tmp_path / f"{category[0]}.png"))
+    labelled = ("demo_pbmc_ids", "demo_pbmc_symbols", "demo_brain", "demo_retina")
+    assert seen == {
+        "1. Quality control": len(DEMO_DATASETS),
+        "2. Corpus": 1,
+        "3. Training": 1,
+        # Per labelled dataset: its UMAP and its metrics during training; one table.
+        "4. Cell embeddings": 2 * len(labelled) + 1,
+    }
+    # The corpus page lists every dataset and both species; the embeddings the labelled ones.
+    corpus = "\n".join(tables["2. Corpus"])
+    assert all(d.name in corpus for d in DEMO_DATASETS) and "mmusculus" in corpus
+    assert {row.split()[0] for row in tables["4. Cell embeddings"]} >= set(labelled)
+    # The screenshot of the embeddings shows a picture, not an empty page.
+    pixels = np.asarray(Image.open(tmp_path / "4.png").convert("L"), dtype=float)
+    assert pixels.std() > 10
 
 
 # Last: it retrains the demo project with other settings.

@@ -34,3 +34,7 @@ class DatasetError(CellfoundryError):
 
 class ConfigError(CellfoundryError):
     """A configuration value, split file or dataset sheet that cannot be used."""
+
+
+class ModelFolderError(CellfoundryError, ValueError):
+    """An exported model folder that is missing, or not the kind of model asked for."""

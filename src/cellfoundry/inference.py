@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 
 from cellfoundry.config import schema_default
-from cellfoundry.errors import CellfoundryError
+from cellfoundry.errors import CellfoundryError, ModelFolderError
 from cellfoundry.loader import ShardCollection
 from cellfoundry.models.model import CellModel
 from cellfoundry.preprocess import map_genes
@@ -268,8 +268,9 @@ def sample_cells(
         loaded.objective,
     )
     if config["objective"] != "diffusion":
-        raise ValueError(
-            f"{model_dir} holds a {config['objective']} model; sampling needs a diffusion model"
+        raise ModelFolderError(
+            f"{model_dir} holds a {config['objective']} model; sampling needs a diffusion model "
+            "(train.preset sedd)"
         )
     bins = objective.sample(loaded.model, species, n_cells, steps=steps, seed=seed)
     # Model token ids of the positions -> the species' own tokens -> gene IDs and names.

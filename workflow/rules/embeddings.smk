@@ -21,4 +21,4 @@ rule gene_embeddings:
         "python -m cellfoundry embeddings --name {wildcards.embedding} --species {wildcards.species} "
         "--token-mapping {input.token_mapping:q} --shard-manifests {input.manifests:q} "
         "--settings {params.settings:q} --seed {params.seed} --out {output.embeddings:q} "
-        "--report {output.report:q} > {log:q} 2>&1"
+        "--report {output.report:q} 2>&1 | tee {log:q}"

@@ -36,7 +36,7 @@ rule preprocess:
         "--seed {params.seed} "
         "--exact-max-cells {params.exact_max_cells} --block-cells {resources.block_cells} "
         "--h5ad {output.h5ad:q} --shard {output.shard:q} --gene-stats {output.gene_stats:q} "
-        "--qc {output.qc:q} --cells {output.cells:q} > {log:q} 2>&1"
+        "--qc {output.qc:q} --cells {output.cells:q} 2>&1 | tee {log:q}"
 
 
 rule aggregate_dataset:
@@ -94,4 +94,4 @@ rule gene_stats:
     shell:
         "python -m cellfoundry gene-stats --species {wildcards.species} --inputs {input.stats:q} "
         "--exact-max-cells {params.exact_max_cells} --out {output.stats:q} "
-        "--summary {output.summary:q} --medians={input.medians:q} > {log:q} 2>&1"
+        "--summary {output.summary:q} --medians={input.medians:q} 2>&1 | tee {log:q}"

@@ -34,10 +34,12 @@ rule train:
         seed=config["seed"],
         run_dir=run_dir_of_model,
         evaluation=as_json(config["eval"]),
+    # tee: progress lines (step, loss, cells/s, ETA) on the terminal of a local run and in
+    # the log; on Slurm in the job's output file too.
     shell:
         "{resources.launcher} -m cellfoundry train --settings {params.settings:q} --seed {params.seed} "
         "--manifest {input.manifest:q} --token-mappings {input.token_mappings:q} "
         "--summaries {input.summaries:q} --references {input.references:q} "
         "--gene-embeddings {input.gene_embeddings:q} --panels {input.panels:q} "
         "--run-dir {params.run_dir:q} --eval {params.evaluation:q} --devices {resources.devices} --num-nodes {resources.num_nodes} "
-        "> {log:q} 2>&1"
+        "2>&1 | tee {log:q}"

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["bert_config", "bert_state_dict", "save_hf_pretrained", "to_bert_for_masked_lm"]
 
 
-def _require_transformers() -> None:
+def require_transformers() -> None:
     try:
         import transformers  # noqa: F401
     except ImportError as error:
@@ -38,7 +38,7 @@ def _require_transformers() -> None:
 
 def bert_config(config: EncoderConfig) -> BertConfig:
     """The ``transformers.BertConfig`` describing the same architecture as `config`."""
-    _require_transformers()
+    require_transformers()
     from transformers import BertConfig
 
     if not config.is_bert_compatible:

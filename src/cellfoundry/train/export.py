@@ -13,7 +13,8 @@ Layout of an export folder::
 A run writes `model_checkpoints/<run>/exports/<identity>-step<N>/` and publishes it as
 `model_checkpoints/<run>/final/` (hard links, `publish`), so that a later run under the same
 name never overwrites an earlier export. `load_pretrained(folder)` rebuilds the model; its
-outputs equal the trained model's.
+outputs equal the trained model's. `load_bert(folder)` loads a Geneformer export as a Hugging
+Face `BertForMaskedLM` and refuses any other export.
 """
 
 from __future__ import annotations
@@ -23,17 +24,21 @@ import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from cellfoundry import __version__
+from cellfoundry.errors import ModelFolderError
 from cellfoundry.io import read_json, remove, write_json
 from cellfoundry.models.model import CellModel, ModelConfig
 from cellfoundry.train.data import SPECIALS, VocabularyLayout
 from cellfoundry.vocabulary import TokenMapping, read_token_mapping, write_token_mapping
+
+if TYPE_CHECKING:
+    from transformers import BertForMaskedLM
 
 FORMAT = "cellfoundry-model"
 FORMAT_VERSION = 1
@@ -141,13 +146,15 @@ def publish(export_dir: Path, final: Path) -> None:
 def load_pretrained(
     folder: str | Path, *, device: str | torch.device = "cpu"
 ) -> tuple[CellModel, VocabularyLayout, dict[str, Any]]:
-    """The exported model (in eval mode), its vocabulary layout and its config."""
+    """The exported model (in eval mode), its vocabulary layout and its config.
+
+    Raises
+    ------
+    ModelFolderError
+        One line, when `folder` holds no export (`read_export_config`).
+    """
     folder = Path(folder)
-    config = read_json(folder / "config.json")
-    if config.get("format") != FORMAT:
-        raise ValueError(
-            f"{folder} is not a cellfoundry model folder (config.json format {config.get('format')!r})"
-        )
+    config = read_export_config(folder)
     # Frozen gene embeddings, if any, are a buffer of the state dict: load_model fills them.
     model = CellModel(ModelConfig.from_dict(config["model"]))
     if config.get("model_type") == "bert":
@@ -161,6 +168,66 @@ def load_pretrained(
     specials = config.get("vocabulary", {}).get("specials", SPECIALS)
     layout = VocabularyLayout.from_mappings(mappings, specials=specials)
     return model.eval(), layout, config
+
+
+def read_export_config(folder: str | Path) -> dict[str, Any]:
+    """The `config.json` of an exported model folder.
+
+    Raises
+    ------
+    ModelFolderError
+        One line naming the folder, when it has no `config.json` or is no cellfoundry export.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(
+            f"{folder}: no exported model here (no config.json); the training rule writes "
+            "model_checkpoints/<run>/final/"
+        )
+    config = read_json(folder / "config.json")
+    if config.get("format") != FORMAT:
+        raise ModelFolderError(
+            f"{folder} is not a cellfoundry model folder (config.json format {config.get('format')!r})"
+        )
+    return config
+
+
+def load_bert(folder: str | Path) -> BertForMaskedLM:
+    """A Geneformer export as a Hugging Face `transformers.BertForMaskedLM` (eval mode, CPU).
+
+    Only a model that is exactly a BERT (`geneformer_mlm`, post-LN, no value or gene-embedding
+    input: the `geneformer_10m` and `geneformer_106m` presets) is exported in the Hugging Face
+    layout (`is_hf_bert`). `BertForMaskedLM.from_pretrained` on any other export returns a
+    randomly initialised BERT with a warning that every weight is missing or unexpected; this
+    refuses instead, and also when the weights do not fill the BERT exactly.
+
+    Raises
+    ------
+    ModelFolderError
+        One line naming the folder and the model it holds.
+    """
+    folder = Path(folder)
+    config = read_export_config(folder)
+    if config.get("model_type") != "bert":
+        raise ModelFolderError(
+            f"{folder} is not a BERT export: it holds a {config.get('objective', '?')} model "
+            "(only Geneformer runs, train.preset geneformer_10m or geneformer_106m, export a "
+            "BertForMaskedLM); load it with cellfoundry.train.export.load_pretrained"
+        )
+    from cellfoundry.models.hf import require_transformers
+
+    require_transformers()
+    from transformers import BertForMaskedLM
+
+    model, info = BertForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    problems = {
+        key: sorted(info.get(key) or [])[:3]
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+        if info.get(key)
+    }
+    if problems:
+        raise ModelFolderError(f"{folder}: the weights do not fill a BertForMaskedLM: {problems}")
+    return model.eval()
 
 
 def is_hf_bert(model: CellModel) -> bool:

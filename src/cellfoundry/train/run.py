@@ -353,11 +353,14 @@ class SlurmRequeue(Callback):
 
 
 class Throughput(Callback):
-    """Logs cells/s, and a plain progress line every `every` steps when no progress bar is shown."""
+    """Logs cells/s, and a plain progress line (step, loss, cells/s, ETA) on stderr every
+    `every` steps when no progress bar is shown. The ETA extrapolates the time per step since
+    the first batch (evaluation and checkpoints included)."""
 
     def __init__(self, every: int, show_lines: bool) -> None:
         self.every, self.show_lines = every, show_lines
         self._start: float | None = None
+        self._start_step = 0
         self._cells = 0
 
     def on_train_batch_end(
@@ -370,7 +373,8 @@ class Throughput(Callback):
     ) -> None:
         now = time.perf_counter()
         if self._start is None:
-            self._start, self._cells = now, 0  # the first batch pays compilation and warm-up
+            # The first batch pays compilation and warm-up.
+            self._start, self._start_step, self._cells = now, trainer.global_step, 0
             return
         self._cells += n_cells(batch) * trainer.world_size
         if trainer.global_step % self.every == 0 and now > self._start:
@@ -378,11 +382,26 @@ class Throughput(Callback):
             module.log("train/cells_per_s", rate, rank_zero_only=True)
             if self.show_lines and trainer.is_global_zero:
                 loss = trainer.callback_metrics.get("train/loss")
+                done = trainer.global_step - self._start_step
+                left = (
+                    (trainer.max_steps - trainer.global_step) * (now - self._start) / max(done, 1)
+                )
                 print(
-                    f"step {trainer.global_step}/{trainer.max_steps}  loss {float(loss):.4f}  {rate:,.0f} cells/s",
+                    f"step {trainer.global_step}/{trainer.max_steps}  loss {float(loss):.4f}  "
+                    f"{rate:,.0f} cells/s  ETA {duration(left)}",
                     file=sys.stderr,
                     flush=True,
                 )
+
+
+def duration(seconds: float) -> str:
+    """`1h02m`, `3m05s` or `42s`."""
+    seconds = max(round(seconds), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def training_callbacks(

@@ -91,6 +91,11 @@ def _preprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reference", default="", help="gene reference parquet ('' when the species has none)"
     )
+    p.add_argument(
+        "--planning-error",
+        default="",
+        help="why the dataset's inputs could not be listed while planning (the job fails with it)",
+    )
     p.add_argument("--settings", required=True, help="preprocess settings (JSON)")
     p.add_argument("--n-bins", type=int, required=True, help="quantile bins of the shard")
     p.add_argument("--tie-break", default="random", help="shards.tie_break")
@@ -112,6 +117,9 @@ def _preprocess(args: argparse.Namespace) -> None:
     from cellfoundry.reference import bundled_species, read_reference
     from cellfoundry.sources import dataset_sources
 
+    if args.input.startswith("lamin://"):  # not resolved while planning: say why
+        problem = args.planning_error or "cannot be resolved in the LaminDB source instance"
+        raise DatasetError(args.dataset, args.input, problem)
     sources = dataset_sources(args.dataset, args.input).by_name()
     if args.file not in sources:
         raise DatasetError(

@@ -58,17 +58,26 @@ def _lamin_sources(dataset, reference):
     return {output_name(p): SourceFile(output_name(p), p, "") for p in paths}
 
 
+# Why a dataset's inputs could not be listed while planning: its one job fails with it.
+PLANNING_ERRORS = {}
+
+
 def _sources(dataset):
     path = DATASETS.loc[dataset, "path"]
     try:
         if path.startswith("lamin://"):
             return _lamin_sources(dataset, path)
         return dataset_sources(dataset, path, planned=DEMO_FILES).by_name()
-    except CellfoundryError:
+    except CellfoundryError as error:
+        PLANNING_ERRORS[dataset] = str(error)
         return {UNREADABLE: None}
 
 
 SOURCES = {dataset: _sources(dataset) for dataset in DATASETS.index}
+
+
+def planning_error(wildcards):
+    return PLANNING_ERRORS.get(wildcards.dataset, "")
 
 
 def files_of(dataset):

@@ -22,6 +22,7 @@ rule preprocess:
         block_cells=4096,
     params:
         path=file_path,
+        planning_error=planning_error,
         species=species_of,
         settings=preprocess_settings,
         n_bins=config["shards"]["n_bins"],
@@ -32,6 +33,7 @@ rule preprocess:
     shell:
         "python -m cellfoundry preprocess --dataset {wildcards.dataset} --file {wildcards.file} "
         "--species {params.species} --input {params.path:q} --reference={input.reference:q} "
+        "--planning-error={params.planning_error:q} "
         "--settings {params.settings:q} --n-bins {params.n_bins} --tie-break {params.tie_break} "
         "--seed {params.seed} "
         "--exact-max-cells {params.exact_max_cells} --block-cells {resources.block_cells} "

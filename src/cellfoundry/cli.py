@@ -764,19 +764,19 @@ def _lamin_register_arguments(p: argparse.ArgumentParser) -> None:
 )
 def _lamin_register(args: argparse.Namespace) -> None:
     from cellfoundry.io import atomic_outputs, write_json
-    from cellfoundry.lamin import init_instance, register_outputs
+    from cellfoundry.lamin import init_instance, instance_lock, register_outputs
 
     # The project is the instance's storage root: its files are registered in place.
-    init_instance(args.project, name=args.name, settings_dir=args.project)
-    outputs = _expand_h5ad_dirs(args.outputs)
-    registration = register_outputs(
-        outputs,
-        transform_key=args.transform_key,
-        transform_version=args.transform_version,
-        params=_json(args.params),
-        inputs=_expand_h5ad_dirs(args.inputs),
-        description=args.description or None,
-    )
+    with instance_lock(args.project):
+        init_instance(args.project, name=args.name, settings_dir=args.project)
+        registration = register_outputs(
+            _expand_h5ad_dirs(args.outputs),
+            transform_key=args.transform_key,
+            transform_version=args.transform_version,
+            params=_json(args.params),
+            inputs=_expand_h5ad_dirs(args.inputs),
+            description=args.description or None,
+        )
     with atomic_outputs(args.receipt) as (receipt,):
         write_json(receipt, registration.to_dict())
     log.info(

@@ -159,6 +159,24 @@ def lamin_environment(instance: str, *, settings_dir: str | Path | None = None) 
     return env
 
 
+@contextlib.contextmanager
+def instance_lock(storage: str | Path) -> Iterator[None]:
+    """Hold the project instance's lock: one process at a time creates the instance at `storage`
+    and writes to it.
+
+    Registration jobs of one project run side by side (one per dataset and species); without
+    the lock two of them may both find no instance and both create one, and the second fails
+    ("storage location ... is already marked ... by another LaminDB instance"). A lock file
+    (`filelock`, POSIX `fcntl` locks) in `storage` serializes them.
+    """
+    from filelock import FileLock
+
+    storage = Path(storage)
+    storage.mkdir(parents=True, exist_ok=True)
+    with FileLock(storage / ".lamin-instance.lock"):
+        yield
+
+
 def init_instance(storage: str | Path, *, name: str, settings_dir: str | Path | None = None) -> str:
     """Create a local SQLite instance whose storage root is `storage`, or connect to it if it exists.
 

@@ -17,8 +17,7 @@ where it is a single process:
   per-dataset statistics, each linked under `--merge / N` distinct dataset names (the merge
   reads and adds up as many tables as N real datasets give): the `gene-stats` job's wall time
   and peak RSS (GNU time);
-- the loader over the prep run's shards and over 10 / 1,000 / 10,000 shards
-  (`bench_loader.py`'s corpus), under `ulimit -n 1024`: start-up, batches/s, peak RSS.
+- the loader at 10 / 1,000 / 10,000 shards is `bench_loader.py`'s (run it beside this one).
 
 Prints a markdown table per part with the baseline beside. Not run by CI (hours at full size).
 """
@@ -36,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_scale import timed  # GNU time: wall seconds and peak RSS
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_CORE = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1"}
@@ -152,21 +153,6 @@ def config_file(workdir: Path, tree: Path, sheet_path: Path, project: Path, name
 def job_count(log: str) -> int:
     match = re.search(r"^total\s+(\d+)", log, re.MULTILINE)
     return int(match.group(1)) if match else 0
-
-
-def timed(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
-        result = subprocess.run(
-            ["/usr/bin/time", "-o", report.name, "-f", "%e %M", *command],
-            env=env,
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode:
-            raise RuntimeError(result.stderr[-3000:])
-        wall, rss = report.read().split()[-2:]
-    return {"seconds": float(wall), "rss_gib": int(rss) / 2**20}
 
 
 def main() -> None:

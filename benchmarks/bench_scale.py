@@ -128,11 +128,11 @@ def write_cellxgene_like(path: Path, n_cells: int, *, n_genes: int = 30_000, see
 
 
 def timed(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
-    """Run a command under GNU time: wall seconds and peak RSS (GiB) of its process tree's
-    largest process."""
+    """Run a command under GNU time: wall seconds, CPU seconds (user + system) and peak RSS
+    (GiB) of its process tree's largest process."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         result = subprocess.run(
-            ["/usr/bin/time", "-o", report.name, "-f", "%e %M", *command],
+            ["/usr/bin/time", "-o", report.name, "-f", "%e %U %S %M", *command],
             env=env,
             cwd=cwd,
             capture_output=True,
@@ -140,11 +140,14 @@ def timed(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, float
         )
         if result.returncode:
             raise RuntimeError(f"{' '.join(command[:4])} failed:\n{result.stderr[-3000:]}")
-        wall, rss_kb = report.read().split()[-2:]
-    return {"seconds": float(wall), "rss_gib": int(rss_kb) / 2**20}
+        wall, user, system, rss_kb = report.read().split()[-4:]
+    cpu = float(user) + float(system)
+    return {"seconds": float(wall), "cpu_seconds": cpu, "rss_gib": int(rss_kb) / 2**20}
 
 
-def run_new(data: Path, reference: Path, out: Path, block_cells: int) -> dict[str, float]:
+def run_new(
+    data: Path, reference: Path, out: Path, block_cells: int, exact_max_cells: int
+) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = {**os.environ, **ONE_CORE, "PYTHONPATH": str(REPO / "src")}
@@ -169,7 +172,7 @@ def run_new(data: Path, reference: Path, out: Path, block_cells: int) -> dict[st
             "--n-bins",
             "51",
             "--exact-max-cells",
-            "10000",
+            str(exact_max_cells),
             "--block-cells",
             str(block_cells),
             "--h5ad",
@@ -252,6 +255,7 @@ def run_baseline(data: Path, reference: Path, out: Path, rev: str) -> dict[str, 
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
     return {
         "seconds": pre["seconds"] + shards["seconds"],
+        "cpu_seconds": pre["cpu_seconds"] + shards["cpu_seconds"],
         "rss_gib": max(pre["rss_gib"], shards["rss_gib"]),
     }
 
@@ -263,13 +267,20 @@ def main() -> None:
     parser.add_argument("--baseline-rev", default="2f105be", help="the code before streaming")
     parser.add_argument("--block-cells", type=int, default=4096)
     parser.add_argument(
+        "--exact-max-cells", type=int, default=None, help="default: the config's gene_stats one"
+    )
+    parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cellfoundry-scale"
     )
     parser.add_argument("--keep", action="store_true", help="keep outputs (inputs are always kept)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO / "src"))
+    from cellfoundry.config import schema_default
     from cellfoundry.reference import load_bundled, write_reference
+
+    if args.exact_max_cells is None:
+        args.exact_max_cells = schema_default("gene_stats.exact_max_cells")
 
     reference = args.workdir / "hsapiens.parquet"
     if not reference.is_file():
@@ -282,7 +293,13 @@ def main() -> None:
             write_cellxgene_like(data, n_cells)
         size = data.stat().st_size / 2**30
         if n_cells in args.cells:
-            result = run_new(data, reference, args.workdir / f"new_{n_cells}", args.block_cells)
+            result = run_new(
+                data,
+                reference,
+                args.workdir / f"new_{n_cells}",
+                args.block_cells,
+                args.exact_max_cells,
+            )
             qc = json.loads((args.workdir / f"new_{n_cells}" / "qc.json").read_text())
             rows.append(("streaming (this code)", n_cells, size, qc["nnz"], result))
             if not args.keep:
@@ -295,14 +312,20 @@ def main() -> None:
             shutil.rmtree(args.workdir / f"old_{n_cells}", ignore_errors=True)
         print(f"done {n_cells}", file=sys.stderr, flush=True)
     print(
-        f"\npreprocess + shards of one CELLxGENE-like h5ad, one core, block_cells={args.block_cells}\n"
+        "\npreprocess + shards of one CELLxGENE-like h5ad, one core, "
+        f"block_cells={args.block_cells}, exact_max_cells={args.exact_max_cells} "
+        f"(load average {os.getloadavg()[0]:.1f}: cells per CPU second is the per-core rate)\n"
     )
-    print("| code | cells | input GiB | non-zeros kept | wall s | cells/s | peak RSS GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| code | cells | input GiB | non-zeros kept | wall s | cells/s | CPU s "
+        "| cells per CPU s | peak RSS GiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, n_cells, size, nnz, r in rows:
         print(
             f"| {name} | {n_cells:,} | {size:.1f} | {'' if nnz is None else f'{nnz:,}'} | "
-            f"{r['seconds']:.0f} | {n_cells / r['seconds']:,.0f} | {r['rss_gib']:.2f} |"
+            f"{r['seconds']:.0f} | {n_cells / r['seconds']:,.0f} | {r['cpu_seconds']:.0f} | "
+            f"{n_cells / r['cpu_seconds']:,.0f} | {r['rss_gib']:.2f} |"
         )
     new = {n: r for name, n, _, _, r in rows if name.startswith("streaming")}
     old = {n: r for name, n, _, _, r in rows if not name.startswith("streaming")}

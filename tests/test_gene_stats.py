@@ -234,3 +234,36 @@ def test_tables_made_with_smaller_thresholds_merge_consistently():
     detected = ~np.isnan(truth)
     assert not exact[binned].any()
     assert np.all(np.abs(medians[detected] / truth[detected] - 1) < 2 ** (1 / RESOLUTION) - 1)
+
+
+def test_pools_that_grow_and_compact_keep_every_value_in_order(monkeypatch):
+    # Thousands of genes filling their regions a few cells at a time: regions move as they
+    # grow, and the pools grow and slide their regions over the dead space many times.
+    from cellfoundry import gene_stats
+
+    compacted = []
+    compact = gene_stats._compact_pool
+    monkeypatch.setattr(
+        gene_stats, "_compact_pool", lambda *args: (compacted.append(args[3]), compact(*args))
+    )
+    X = synthetic(2_000, 3_000, seed=7)
+    stats = accumulate(
+        X,
+        [f"g{i:04d}" for i in range(3_000)],
+        block=9,
+        exact_max_cells=100,
+        quantized_max_cells=5_000,
+    )
+    assert compacted.count(0) >= 2 and compacted.count(1) >= 2  # values and codes
+    held = tiers(stats)
+    assert (held[:, 0] > 0).sum() > 400 and (held[:, 1] > 0).sum() > 2_000
+    total = np.asarray(X.sum(1)).ravel().astype(np.float64)
+    C = sp.csc_matrix(X)
+    for gene in range(C.shape[1]):
+        rows = C.indices[C.indptr[gene] : C.indptr[gene + 1]]
+        column = C.data[C.indptr[gene] : C.indptr[gene + 1]] / total[rows] * TARGET  # as added
+        if 0 < len(column) <= 100:
+            assert np.array_equal(stats["values"][gene].to_numpy(), column)
+        elif len(column) > 100:
+            codes = np.floor(-np.log2(column / TARGET) * CODE_RESOLUTION)
+            assert np.array_equal(stats["codes"][gene].to_numpy(), codes)

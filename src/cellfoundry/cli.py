@@ -214,7 +214,12 @@ def _gene_stats_arguments(p: argparse.ArgumentParser) -> None:
     arguments=_gene_stats_arguments,
 )
 def _gene_stats(args: argparse.Namespace) -> None:
-    from cellfoundry.gene_stats import merge_gene_stats, summarize, with_imported_medians
+    from cellfoundry.gene_stats import (
+        merge_gene_stats,
+        summarize,
+        with_imported_medians,
+        write_gene_stats,
+    )
     from cellfoundry.io import atomic_outputs
     from cellfoundry.vocabulary import read_gene_median_dictionary
 
@@ -233,7 +238,7 @@ def _gene_stats(args: argparse.Namespace) -> None:
             imported.n_unused,
         )
     with atomic_outputs(args.out, args.summary) as (out, summary_out):
-        merged.write_parquet(out, statistics=False)
+        write_gene_stats(merged, out)
         summary.write_parquet(summary_out, statistics=False)
     log.info(
         "%s: merged statistics of %d datasets, %d genes (%d medians exact)",

@@ -86,18 +86,26 @@ def _code(value, target_sum):
 # at native speed): a gene's values (tier 1) or codes (tier 2) occupy a region [off, off + cap)
 # of the value or code pool, its histogram (tier 3) a region of the histogram pool starting at
 # bin hstart. A region that grows moves to the end of its pool; the dead space is reclaimed by
-# `_compact_pools`. `st` holds per gene: tier, fill, off, cap, hstart, hlen; `tops` the used
+# `_compact_pool`. `st` holds per gene: tier, fill, off, cap, hstart, hlen; `tops` the used
 # length of each pool. Before each entry a kernel checks that the pools can absorb the worst
 # case of one step; if not, it returns the entry to resume from and which pool to grow.
 
 
 @numba.njit(**_JIT)
+def _room(exact_max, coded_max):
+    """Free entries each pool must have before a kernel step (its worst case: a region moved
+    to the end of its pool, or a histogram spanning every bin)."""
+    return 2 * exact_max + 8, 2 * coded_max + 64, _SPAN + 2 * _HIST_SLACK
+
+
+@numba.njit(**_JIT)
 def _has_room(vpool, cpool, hpool, tops, exact_max, coded_max):
-    if tops[0] + 2 * exact_max + 8 > vpool.shape[0]:
+    need = _room(exact_max, coded_max)
+    if tops[0] + need[0] > vpool.shape[0]:
         return _FULL_VALUES
-    if tops[1] + 2 * coded_max + 64 > cpool.shape[0]:
+    if tops[1] + need[1] > cpool.shape[0]:
         return _FULL_CODES
-    if tops[2] + _SPAN + 2 * _HIST_SLACK > hpool.shape[0]:
+    if tops[2] + need[2] > hpool.shape[0]:
         return _FULL_HIST
     return 0
 
@@ -264,24 +272,22 @@ def _append_run(
 
 @numba.njit(**_JIT)
 def _values_by_gene(
-    indptr, indices, counts, total_counts, target_sum, n_genes
+    indptr, indices, counts, total_counts, target_sum, col_ptr, values
 ):  # pragma: no cover - compiled
     """A block's normalized values regrouped gene by gene (a counting sort), each gene's in
-    the order of cells: (gene offsets, values)."""
-    col_ptr = np.zeros(n_genes + 1, dtype=np.int64)
+    the order of cells, into `values`, with gene offsets into `col_ptr` (n_genes + 1)."""
+    col_ptr[:] = 0
     for j in range(indices.shape[0]):
         col_ptr[indices[j] + 1] += 1
-    for g in range(n_genes):
+    for g in range(col_ptr.shape[0] - 1):
         col_ptr[g + 1] += col_ptr[g]
     position = col_ptr[:-1].copy()
-    values = np.empty(indices.shape[0], dtype=np.float64)
     for cell in range(indptr.shape[0] - 1):
         total = total_counts[cell]
         for j in range(indptr[cell], indptr[cell + 1]):
             gene = indices[j]
             values[position[gene]] = counts[j] / total * target_sum
             position[gene] += 1
-    return col_ptr, values
 
 
 @numba.njit(**_JIT)
@@ -433,29 +439,26 @@ def _add_rows(
 
 
 @numba.njit(**_JIT)
-def _compact_pools(
-    st, vpool, cpool, hpool, new_v, new_c, new_h, tops
-):  # pragma: no cover - compiled
-    """Copy every live region, in gene order, into fresh pools (drops the dead space)."""
-    top_v = top_c = top_h = 0
+def _compact_pool(st, pool, tops, tier):  # pragma: no cover - compiled
+    """Slide the regions of one pool (tier 0 values, 1 codes, 2 histograms) down over its dead
+    space, in place: regions move in order of offset, so none is overwritten before it moves."""
+    width = 5 if tier == _BINNED else 3  # the region's length: histogram bins or capacity
+    genes = np.empty(st.shape[0], dtype=np.int64)
+    offsets = np.empty(st.shape[0], dtype=np.int64)
+    m = 0
     for g in range(st.shape[0]):
-        tier, n, off, cap = st[g, 0], st[g, 1], st[g, 2], st[g, 3]
-        if tier == _EXACT:
-            if cap:
-                new_v[top_v : top_v + n] = vpool[off : off + n]
-                st[g, 2] = top_v
-                top_v += cap
-        elif tier == _CODED:
-            new_c[top_c : top_c + n] = cpool[off : off + n]
-            st[g, 2] = top_c
-            top_c += cap
-        else:
-            length = st[g, 5]
-            new_h[top_h : top_h + length] = hpool[off : off + length]
-            st[g, 2] = top_h
-            top_h += length
-    tops[0], tops[1], tops[2] = top_v, top_c, top_h
-    tops[3], tops[4], tops[5] = 0, 0, 0
+        if st[g, 0] == tier and st[g, width] > 0:
+            genes[m], offsets[m] = g, st[g, 2]
+            m += 1
+    top = 0
+    for g in genes[np.argsort(offsets[:m])]:
+        off, length = st[g, 2], st[g, width]
+        live = length if tier == _BINNED else st[g, 1]
+        for i in range(live):
+            pool[top + i] = pool[off + i]
+        st[g, 2] = top
+        top += length
+    tops[tier], tops[3 + tier] = top, 0
 
 
 @numba.njit(**_JIT)
@@ -533,22 +536,22 @@ class GeneStatsAccumulator:
         self._vpool = np.empty(1 << 16, dtype=np.float64)
         self._cpool = np.empty(1 << 18, dtype=np.uint16)
         self._hpool = np.empty(1 << 18, dtype=np.int32)
+        self._block_col_ptr = np.zeros(n_genes + 1, dtype=np.int64)
+        self._block_values = np.empty(0)
 
     def _grow(self, full: int) -> None:
-        """Make room in the pool a kernel ran out of: compact when over half of it is dead,
-        else double it."""
-        index = full - 1
-        pools = ["_vpool", "_cpool", "_hpool"]
-        used, dead = self._tops[index], self._tops[3 + index]
-        if dead * 3 > used:
-            fresh = [np.empty_like(getattr(self, name)) for name in pools]
-            _compact_pools(self._st, self._vpool, self._cpool, self._hpool, *fresh, self._tops)
-            self._vpool, self._cpool, self._hpool = fresh
-        else:
-            pool = getattr(self, pools[index])
-            grown = np.empty(len(pool) + len(pool) // 2, dtype=pool.dtype)
-            grown[:used] = pool[:used]
-            setattr(self, pools[index], grown)
+        """Make room in the pool a kernel ran out of: slide its regions over the dead space
+        when over a quarter of it is dead, and grow it by half when it is still over two
+        thirds full (each entry is copied O(1) times on average)."""
+        index = full - 1  # = the tier whose pool is full
+        name = ("_vpool", "_cpool", "_hpool")[index]
+        if self._tops[3 + index] * 4 > self._tops[index]:
+            _compact_pool(self._st, getattr(self, name), self._tops, index)
+        pool, used = getattr(self, name), self._tops[index]
+        need = _room(self.exact_max, self.coded_max)[index]
+        if used * 3 > len(pool) * 2 or used + need > len(pool):
+            # In place: realloc moves large blocks by remapping their pages (no copy).
+            pool.resize(max(len(pool) + len(pool) // 2, 2 * (used + need)), refcheck=False)
 
     def _pools(self) -> tuple:
         return self._st, self._vpool, self._cpool, self._hpool, self._tops
@@ -565,13 +568,17 @@ class GeneStatsAccumulator:
         indptr = np.asarray(indptr, dtype=np.int64)
         indptr = indptr - indptr[0]
         self.n_obs += len(indptr) - 1
-        col_ptr, values = _values_by_gene(
+        if len(self._block_values) < len(indices):  # reused from block to block
+            self._block_values = np.empty(len(indices) + len(indices) // 4)
+        col_ptr, values = self._block_col_ptr, self._block_values[: len(indices)]
+        _values_by_gene(
             indptr,
             np.asarray(indices),
             np.asarray(counts),
             np.asarray(total_counts, dtype=np.float64),
             self.target_sum,
-            self.n_genes,
+            col_ptr,
+            values,
         )
         resume = np.zeros(2, dtype=np.int64)
         args = (col_ptr, values, self.target_sum, resume, self.n_cells, self.sums, self.sums_sq)
@@ -668,6 +675,13 @@ def _list_series(flat: np.ndarray, offsets: np.ndarray, dtype: pl.DataType) -> p
 def empty_table() -> pl.DataFrame:
     """A statistics table with no gene."""
     return pl.DataFrame(schema=SCHEMA)
+
+
+def write_gene_stats(table: pl.DataFrame, path: str | Path) -> None:
+    """Write a statistics table (`SCHEMA`) as parquet with zstd level 1: a 100k-cell file's
+    table holds tens of millions of codes, and level 1 writes it 2.8x faster than polars'
+    default level 3 for a 17% larger file (`benchmarks/bench_scale.py`)."""
+    table.write_parquet(path, compression="zstd", compression_level=1, statistics=False)
 
 
 def merge_gene_stats(

@@ -62,13 +62,17 @@ def blake3(path: str | Path, chunk_size: int = 1 << 24) -> str:
     The provenance checksum of inputs and outputs: BLAKE3 (O'Connor et al. 2020) is a
     cryptographic hash about twice as fast as SHA-256 on one core here (1.2 vs 0.55 GB/s),
     which matters when each job hashes a file of tens of gigabytes. `b3sum <file>` checks it.
+    The file is read into one reused buffer (a memory map would count the whole file in the
+    job's resident memory).
     """
     from blake3 import blake3 as hasher
 
     digest = hasher(max_threads=1)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 

@@ -39,7 +39,12 @@ from cellfoundry.config import schema_default
 from cellfoundry.discretize import quantile_bins_csr
 from cellfoundry.errors import DatasetError
 from cellfoundry.formats import PREPROCESS as FORMAT_VERSION
-from cellfoundry.gene_stats import EXACT_MAX_CELLS, GeneStatsAccumulator, merge_gene_stats
+from cellfoundry.gene_stats import (
+    EXACT_MAX_CELLS,
+    GeneStatsAccumulator,
+    merge_gene_stats,
+    write_gene_stats,
+)
 from cellfoundry.io import atomic_outputs, blake3, read_json, remove, write_json
 from cellfoundry.readers import (
     GENE_EXPRESSION,
@@ -861,7 +866,7 @@ def preprocess_file(
             out_var,
             {"cellfoundry": {"dataset": dataset, "species": species, "counts_source": location}},
         )
-        stats.table(plan.gene_ids).write_parquet(stats_path, statistics=False)
+        write_gene_stats(stats.table(plan.gene_ids), stats_path)
         pl.from_pandas(table.reset_index(names="obs_name")).write_parquet(
             cells_path, statistics=False
         )
@@ -1134,7 +1139,7 @@ def aggregate_dataset(
         # First: it refuses shards of another format or number of bins, and then nothing of
         # the dataset's outputs may be left.
         write_dataset_manifest(dataset, species, shards, manifest_path)
-        stats.write_parquet(stats_path, statistics=False)
+        write_gene_stats(stats, stats_path)
         write_json(qc_path, qc)
         from cellfoundry.plots import plot_qc
 

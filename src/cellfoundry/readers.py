@@ -74,7 +74,8 @@ class CellReader:
 
     def blocks(self, location: str, block_cells: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         """(first cell, cells x features CSR block) in order; blocks hold `block_cells` cells
-        (fewer for the last, and for dense matrices wider than `DENSE_BLOCK_BYTES` allows)."""
+        (fewer for the last, and for dense matrices wider than `DENSE_BLOCK_BYTES` allows).
+        A block's arrays may be reused for the next block: use or copy them before reading on."""
         raise NotImplementedError
 
     def stored_entries(self, location: str) -> int:
@@ -241,13 +242,22 @@ class H5adReader(CellReader):
         # Row slices of anndata's CSR encoding read with h5py, as `sparse_dataset` does: its
         # `__getitem__` looks up scipy's version (importlib.metadata) on every call, ~15 ms,
         # which dominated small blocks.
+        # Entries are read into two buffers reused from block to block (fresh arrays of tens
+        # of MB per block cost as much in page faults as the reading).
         indptr, data, indices = element["indptr"], element["data"], element["indices"]
+        buffers = [np.empty(0, dtype=data.dtype), np.empty(0, dtype=indices.dtype)]
         for start in range(0, n_obs, block_cells):
             stop = min(start + block_cells, n_obs)
             offsets = indptr[start : stop + 1].astype(np.int64)
             lo, hi = int(offsets[0]), int(offsets[-1])
+            if len(buffers[0]) < hi - lo:
+                buffers = [np.empty(hi - lo + (hi - lo) // 4, dtype=b.dtype) for b in buffers]
+            for source, buffer in zip((data, indices), buffers, strict=True):
+                if hi > lo:
+                    source.read_direct(buffer, np.s_[lo:hi], np.s_[: hi - lo])
             block = sp.csr_matrix(
-                (data[lo:hi], indices[lo:hi], offsets - lo), shape=(stop - start, n_vars)
+                (buffers[0][: hi - lo], buffers[1][: hi - lo], offsets - lo),
+                shape=(stop - start, n_vars),
             )
             yield start, _csr_block(block)
 

@@ -97,6 +97,7 @@ class ShardWriter:
         self.indptr.append(np.zeros(1, dtype=np.int64))
         self.n_cells = 0
         self.nnz = 0
+        self._records = np.empty(0, dtype=ENTRY)  # reused from block to block
 
     def append(
         self,
@@ -108,7 +109,9 @@ class ShardWriter:
     ) -> None:
         """Append a block of cells: CSR arrays over the file's genes (`indptr` of the block,
         starting at 0), each entry's count and bin, and each cell's total count."""
-        records = np.empty(len(genes), dtype=ENTRY)
+        if len(self._records) < len(genes):
+            self._records = np.empty(len(genes) + len(genes) // 4, dtype=ENTRY)
+        records = self._records[: len(genes)]
         records["gene"], records["count"], records["bin"] = genes, counts, bins
         self.entries.append(records)
         self.indptr.append(np.asarray(indptr[1:], dtype=np.int64) + self.nnz)

@@ -541,17 +541,17 @@ class GeneStatsAccumulator:
 
     def _grow(self, full: int) -> None:
         """Make room in the pool a kernel ran out of: slide its regions over the dead space
-        when over a quarter of it is dead, and grow it by half when it is still over two
-        thirds full (each entry is copied O(1) times on average)."""
+        when over a fifth of it is dead, and grow it by a quarter when it still lacks room.
+        Growing is a realloc (large blocks are remapped, not copied), so small steps cost
+        nothing extra and keep little unused memory resident."""
         index = full - 1  # = the tier whose pool is full
         name = ("_vpool", "_cpool", "_hpool")[index]
-        if self._tops[3 + index] * 4 > self._tops[index]:
+        if self._tops[3 + index] * 5 > self._tops[index]:
             _compact_pool(self._st, getattr(self, name), self._tops, index)
         pool, used = getattr(self, name), self._tops[index]
         need = _room(self.exact_max, self.coded_max)[index]
-        if used * 3 > len(pool) * 2 or used + need > len(pool):
-            # In place: realloc moves large blocks by remapping their pages (no copy).
-            pool.resize(max(len(pool) + len(pool) // 2, 2 * (used + need)), refcheck=False)
+        if used + need > len(pool):
+            pool.resize(max(len(pool) + len(pool) // 4, used + 2 * need), refcheck=False)
 
     def _pools(self) -> tuple:
         return self._st, self._vpool, self._cpool, self._hpool, self._tops

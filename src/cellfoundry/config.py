@@ -81,12 +81,20 @@ def _extend_with_default(validator_class: type) -> type:
 _Validator = _extend_with_default(jsonschema.Draft202012Validator)
 
 
-def validate(instance: Any, schema: dict[str, Any], *, source: str) -> Any:
-    """Validate (and fill defaults into) `instance`; errors name `source` and the key path."""
+def validate(instance: Any, schema: dict[str, Any], *, source: str, validator: Any = None) -> Any:
+    """Validate (and fill defaults into) `instance`; errors name `source` and the key path.
+
+    `validator`: `_Validator(schema)`, made once by a caller that validates many instances
+    against one schema (the sheet's rows).
+    """
     instance = copy.deepcopy(instance)
+    validator = validator or _Validator(schema)
     _parse_command_line_nulls(instance, schema)
-    _parse_command_line_strings(instance, schema)
-    errors = sorted(_Validator(schema).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    errors = list(validator.iter_errors(instance))
+    # Only an invalid instance can hold command-line text to read as numbers: fix, recheck.
+    if errors and _parse_command_line_strings(instance, schema):
+        errors = list(validator.iter_errors(instance))
+    errors = sorted(errors, key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
@@ -95,10 +103,12 @@ def validate(instance: Any, schema: dict[str, Any], *, source: str) -> Any:
     return instance
 
 
-def _parse_command_line_strings(instance: Any, schema: dict[str, Any]) -> None:
+def _parse_command_line_strings(instance: Any, schema: dict[str, Any]) -> bool:
     """Read numbers, booleans and nulls that arrive as strings (`snakemake --config
-    'train={max_steps: 50}'` passes nested values as text) the way YAML would."""
+    'train={max_steps: 50}'` passes nested values as text) the way YAML would; whether any
+    was read."""
     checker = jsonschema.Draft202012Validator(schema)  # reports only: fills no defaults
+    changed = False
     for _ in range(100):  # each pass fixes every string it can; nested fixes need a few passes
         fixed = False
         for error in checker.iter_errors(instance):
@@ -116,9 +126,10 @@ def _parse_command_line_strings(instance: Any, schema: dict[str, Any]) -> None:
             for key in path:
                 parent = parent[key]
             parent[last] = value
-            fixed = True
+            fixed = changed = True
         if not fixed:
-            return
+            return changed
+    return changed
 
 
 def _parse_command_line_nulls(instance: Any, schema: dict[str, Any]) -> None:
@@ -216,6 +227,7 @@ def read_dataset_sheet(path: str | Path, schema: str | Path | None = None) -> pd
     )
     sheet.columns = [c.strip() for c in sheet.columns]
     schema = load_schema(schema or schema_path("datasets"))
+    validator = _Validator(schema)
     rows = []
     for number, record in enumerate(sheet.to_dict(orient="records"), start=2):
         row = {k: v.strip() for k, v in record.items() if isinstance(v, str) and v.strip() != ""}
@@ -240,6 +252,7 @@ def read_dataset_sheet(path: str | Path, schema: str | Path | None = None) -> pd
                 row,
                 schema,
                 source=f"{path}, line {number}" + (f" (dataset '{name}')" if name else ""),
+                validator=validator,
             )
         )
     if not rows:

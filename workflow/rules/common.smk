@@ -1,6 +1,9 @@
 # Helpers of the workflow: config and dataset-sheet validation, wildcard constraints, input
 # and params functions. Rules stay thin calls into the cellfoundry package.
+import functools
+import inspect
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,18 +14,34 @@ from cellfoundry.errors import CellfoundryError
 from cellfoundry.reference import bundled_species
 from cellfoundry.sources import SourceFile, dataset_sources, output_name
 from cellfoundry import embeddings, panels, splits, vocabulary
+from snakemake.common import overwrite_function_params
 
 # Schemas: workflow/schemas/ (shipped in the package, so the command line validates alike).
 config.update(validate_config(config, source="config"))
 DATASETS = read_dataset_sheet(config["datasets"])
+DATASET_NAMES = sorted(DATASETS.index)
 SPECIES = sorted(DATASETS["species"].unique())
 PROJECT = config["project_path"]
+# The sheet's rows as plain dicts: input and params functions run once per job, thousands of
+# times while planning, and a dict lookup costs a fraction of a pandas one.
+ROWS = DATASETS.to_dict(orient="index")
 
 # Files written by demo_corpus: datasets under them are planned before they exist.
 DEMO_FILES = [str(p) for p in demo_files(config["demo"]["path"])]
 # The input name of a dataset whose path cannot be read while planning: its one job fails
 # with the reason, and the other datasets go on.
 UNREADABLE = "_unreadable_dataset_"
+
+
+def job_function(func):
+    """Mark an input, params or resources function that Snakemake calls for every job.
+
+    Snakemake reads the parameters of such a function on each call (`inspect.signature`, a
+    few times per job: ~6% of planning 10,000 datasets) unless the function carries them, as
+    its own wrappers do (snakemake.ioutils.subpath); they are read here once.
+    """
+    overwrite_function_params(func, inspect.signature(func).parameters)
+    return func
 
 
 def out(path):
@@ -36,7 +55,13 @@ def as_json(value):
 
 
 def datasets_of(species):
-    return sorted(DATASETS.index[DATASETS["species"] == species])
+    return [name for name in DATASET_NAMES if ROWS[name]["species"] == species]
+
+
+def per_dataset(pattern, datasets=None):
+    """`pattern` (a path under the project, with {dataset}) for each dataset (default: all)."""
+    names = DATASET_NAMES if datasets is None else datasets
+    return [out(pattern.format(dataset=name)) for name in names]
 
 
 def has_reference(species):
@@ -63,7 +88,7 @@ PLANNING_ERRORS = {}
 
 
 def _sources(dataset):
-    path = DATASETS.loc[dataset, "path"]
+    path = ROWS[dataset]["path"]
     try:
         if path.startswith("lamin://"):
             return _lamin_sources(dataset, path)
@@ -73,9 +98,10 @@ def _sources(dataset):
         return {UNREADABLE: None}
 
 
-SOURCES = {dataset: _sources(dataset) for dataset in DATASETS.index}
+SOURCES = {dataset: _sources(dataset) for dataset in DATASET_NAMES}
 
 
+@job_function
 def planning_error(wildcards):
     return PLANNING_ERRORS.get(wildcards.dataset, "")
 
@@ -102,6 +128,7 @@ def keep_going_in_group_job():
 def per_file(pattern):
     """An input function: `pattern` (with {dataset} and {file}) for each file of the dataset."""
 
+    @job_function
     def paths(wildcards):
         keep_going_in_group_job()
         return [
@@ -119,18 +146,20 @@ def reference_table(wildcards):
     return config["reference"]["tables"].get(wildcards.species, [])
 
 
+@job_function
 def reference_of(wildcards):
-    species = DATASETS.loc[wildcards.dataset, "species"]
-    return out(f"references/genes/{species}.parquet") if has_reference(species) else []
+    return REFERENCE_OF.get(wildcards.dataset, [])
 
 
 # --- preprocess ------------------------------------------------------------------------
 
 
+@job_function
 def dataset_path(wildcards):
-    return DATASETS.loc[wildcards.dataset, "path"]
+    return ROWS[wildcards.dataset]["path"]
 
 
+@job_function
 def file_path(wildcards):
     """The input's path as the job reads it (a lamin:// dataset's file is a local path)."""
     source = SOURCES[wildcards.dataset].get(wildcards.file)
@@ -139,6 +168,7 @@ def file_path(wildcards):
     return dataset_path(wildcards)
 
 
+@job_function
 def file_input(wildcards):
     """What the job reads: the file, or every file of an MTX folder (so a file rewritten in
     place reruns the job); nothing for a dataset that cannot be read (its job says why).
@@ -152,35 +182,53 @@ def file_input(wildcards):
     return str(source.path)
 
 
+# Per-dataset values of the params, worked out once (not once per job and per use).
+SETTINGS = {name: as_json(dataset_settings(config, row)) for name, row in ROWS.items()}
+REFERENCE_OF = {
+    name: out(f"references/genes/{row['species']}.parquet")
+    for name, row in ROWS.items()
+    if has_reference(row["species"])
+}
+
+
+@job_function
 def preprocess_settings(wildcards):
-    row = DATASETS.loc[wildcards.dataset].to_dict()
-    return as_json(dataset_settings(config, row))
+    return SETTINGS[wildcards.dataset]
 
 
+@job_function
 def species_of(wildcards):
-    return DATASETS.loc[wildcards.dataset, "species"]
+    return ROWS[wildcards.dataset]["species"]
 
 
 def input_mb(wildcards, input):
     """MB of the file a job reads (or of all files of an MTX folder)."""
-    data = [input.data] if isinstance(input.data, str) else input.data
-    return sum(Path(p).stat().st_size for p in data if Path(p).exists()) / 2**20
+    data = (input.data,) if isinstance(input.data, str) else tuple(input.data)
+    return _size_mb(data)
 
 
+@functools.lru_cache(maxsize=4)
+def _size_mb(paths):
+    """Memory and runtime of a job both ask for its input's size: one stat per file."""
+    return sum(os.stat(p).st_size for p in paths if os.path.exists(p)) / 2**20
+
+
+@job_function
 def preprocess_mem_mb(wildcards, input, attempt):
     """Memory of a preprocessing job: blocks and per-gene statistics (~1.5 GB) plus a few
     bytes per cell, estimated from the input's size; doubled on a retry."""
     return int((1500 + input_mb(wildcards, input) / 20) * attempt)
 
 
+@job_function
 def preprocess_runtime(wildcards, input, attempt):
     """Minutes: at ~20 MB/s of input, at least 10."""
     return int(max(10, input_mb(wildcards, input) / 20 / 60 * 2) * attempt)
 
 
 def species_gene_stats(wildcards):
-    return expand(
-        out("stats/datasets/{dataset}.parquet"), dataset=datasets_of(wildcards.species)
+    return per_dataset(
+        "stats/datasets/{dataset}.parquet", datasets_of(wildcards.species)
     )
 
 
@@ -228,9 +276,16 @@ def split_files():
 
 
 def default_split_outputs():
+    """The folder of the default split's files, splits/<dataset>.yaml, when it is used.
+
+    One folder, not a file per dataset: Snakemake spells out a job's outputs each time a job
+    it waits for finishes, so ten thousand listed files made planning quadratic (8 of 63 CPU
+    seconds at 10,000 datasets). The folder holds nothing else; a split file deleted by hand
+    comes back when the split next runs.
+    """
     if not uses_default_split():
         return []
-    return expand(out("splits/{dataset}.yaml"), dataset=sorted(DATASETS.index))
+    return directory(out("splits"))
 
 
 def project_of_manifest(wildcards, output):
@@ -238,8 +293,8 @@ def project_of_manifest(wildcards, output):
     return str(Path(output.manifest).parent.parent)
 
 
-def shard_manifests(datasets):
-    return expand(out("shards/{dataset}/manifest.json"), dataset=datasets)
+def shard_manifests(datasets=None):
+    return per_dataset("shards/{dataset}/manifest.json", datasets)
 
 
 # --- gene embeddings and training ------------------------------------------------------
@@ -331,6 +386,7 @@ def all_h5ads(datasets):
 # --- LaminDB ---------------------------------------------------------------------------
 
 
+@job_function
 def lamin_dataset_params(wildcards):
     return as_json(
         {
@@ -340,6 +396,7 @@ def lamin_dataset_params(wildcards):
     )
 
 
+@job_function
 def lamin_dataset_sources(wildcards):
     return [
         str(source.path)
@@ -348,14 +405,13 @@ def lamin_dataset_sources(wildcards):
     ]
 
 
+@job_function
 def lamin_dataset_h5ads(wildcards):
     return all_h5ads([wildcards.dataset])
 
 
 def lamin_species_dataset_receipts(wildcards):
-    return expand(
-        out("lamin/data/{dataset}.json"), dataset=datasets_of(wildcards.species)
-    )
+    return per_dataset("lamin/data/{dataset}.json", datasets_of(wildcards.species))
 
 
 def lamin_species_h5ads(wildcards):
@@ -415,9 +471,10 @@ def lamin_outputs():
 
 
 def prep_outputs():
+    # Every dataset's outputs (qc/, provenance/, stats/, shards/, data/) come with these two:
+    # the shard manifest and the corpus report read every dataset's, and a job makes all its
+    # outputs, so listing each dataset's files again would only slow planning.
     targets = [out("manifests/shards.parquet"), out("report/datasets.tsv")]
-    targets += expand(out("qc/{dataset}/qc.json"), dataset=sorted(DATASETS.index))
-    targets += expand(out("provenance/{dataset}.json"), dataset=sorted(DATASETS.index))
     for species in SPECIES:
         targets.append(
             out(f"references/vocabulary/token_mappings_per_specie/{species}.csv")
@@ -442,6 +499,4 @@ def demo_cells_argument():
 
 
 def dataset_species_json():
-    return as_json(
-        {name: DATASETS.loc[name, "species"] for name in sorted(DATASETS.index)}
-    )
+    return as_json({name: ROWS[name]["species"] for name in DATASET_NAMES})

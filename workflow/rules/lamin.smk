@@ -56,7 +56,7 @@ rule lamin_register_model:
     input:
         receipts=expand(out("lamin/references/{species}.json"), species=SPECIES),
         model=out(f"model_checkpoints/{TRAIN_RUN}/final/model.safetensors"),
-        h5ads=all_h5ads(sorted(DATASETS.index)),
+        h5ads=all_h5ads(DATASET_NAMES),
         token_mappings=expand(
             out("references/vocabulary/token_mappings_per_specie/{species}.csv"),
             species=SPECIES,

@@ -1,6 +1,6 @@
 rule report_corpus:
     input:
-        qc=expand(out("qc/{dataset}/qc.json"), dataset=sorted(DATASETS.index)),
+        qc=per_dataset("qc/{dataset}/qc.json"),
         token_mappings=expand(
             out("references/vocabulary/token_mappings_per_specie/{species}.csv"),
             species=SPECIES,

@@ -2,7 +2,7 @@ rule shard_manifest:
     input:
         splits=out("manifests/splits.parquet"),
         holdout=out("manifests/holdout.parquet"),
-        manifests=shard_manifests(sorted(DATASETS.index)),
+        manifests=shard_manifests(),
     output:
         out("manifests/shards.parquet"),
     log:

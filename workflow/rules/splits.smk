@@ -1,7 +1,7 @@
 rule splits:
     input:
-        qc=expand(out("qc/{dataset}/qc.json"), dataset=sorted(DATASETS.index)),
-        manifests=shard_manifests(sorted(DATASETS.index)),
+        qc=per_dataset("qc/{dataset}/qc.json"),
+        manifests=shard_manifests(),
         split_files=split_files(),
     output:
         manifest=out("manifests/splits.parquet"),

@@ -128,6 +128,80 @@ def test_contrastive_views_split_each_cell(tiny_corpus):
     assert len(set(species)) == 1  # one dataset (so one species) per batch
 
 
+def test_contrastive_subsample_views_differ_in_depth(tiny_corpus):
+    """`contrastive_views: subsample`: each view keeps its own share ~ U(keep_min, 1) of the
+    cell's genes, so the two views' gene counts differ (a cell's depth is not shared)."""
+    values = settings(
+        objective="contrastive", contrastive_views="subsample", **{"model.max_len": 4096}
+    )
+    _, data, layout = build(values, family_inputs(tiny_corpus), seed=0)
+    data.setup()
+    plan = BatchPlan(data.train, 8, seed=0, within_dataset=True)
+    share_a, share_b = [], []
+    for k in range(plan.batches_per_epoch):
+        batch = data.train.collection.gather(plan.batch(k))
+        views = data.collate(batch, data.train, CellNoise(0, k, batch.cells))
+        for row in range(len(batch)):
+            n_genes = int(batch.lengths[row])
+            kept = []
+            for view in (views["a"], views["b"]):
+                tokens = view["tokens"][row][~view["padding_mask"][row]]
+                assert tokens[0] == layout.cls_id
+                kept.append(len(tokens) - 1)
+            share_a.append(kept[0] / n_genes)
+            share_b.append(kept[1] / n_genes)
+    share_a, share_b = np.array(share_a), np.array(share_b)
+    keep_min = values["contrastive_keep_min"]
+    assert share_a.min() > keep_min - 0.15 and share_b.min() > keep_min - 0.15
+    assert share_a.max() > 0.9 and share_a.min() < keep_min + 0.15  # spans U(keep_min, 1)
+    # Independent shares: the views' gene counts differ by more than sampling noise.
+    assert np.median(np.abs(share_a - share_b)) > 0.1
+    assert abs(np.corrcoef(share_a, share_b)[0, 1]) < 0.3
+
+
+def test_contrastive_temperature_centering_and_normalised_rank(tiny_corpus):
+    """`temperature` sets the learnable temperature's start; `contrastive_center` takes the
+    batch mean out of both views before the CLIP loss; `contrastive_rank: normalised` orders a
+    view by count / corpus median."""
+    from cellfoundry.models import losses
+
+    values = settings(
+        objective="contrastive",
+        temperature=0.2,
+        contrastive_center=True,
+        contrastive_rank="normalised",
+        **{"model.max_len": 4096},
+    )
+    system, data, _ = build(values, family_inputs(tiny_corpus), seed=0)
+    model = system.model
+    assert torch.isclose(model.logit_scale.exp(), torch.tensor(5.0))
+    data.setup()
+    plan = BatchPlan(data.train, 8, seed=0, within_dataset=True)
+    batch = data.train.collection.gather(plan.batch(0))
+    views = data.collate(batch, data.train, CellNoise(0, 0, batch.cells))
+    with torch.no_grad():
+        z_a, z_b = model.cell_embedding(views["a"]), model.cell_embedding(views["b"])
+        centred = losses.clip_loss(z_a - z_a.mean(0), z_b - z_b.mean(0), model.logit_scale)
+        plain = losses.clip_loss(z_a, z_b, model.logit_scale)
+        got = system.objective.loss(model, views)["loss"]
+    assert torch.isclose(got, centred) and not torch.isclose(got, plain)
+    # The whole cell (train=False): its genes in descending count / median order.
+    whole = data.collate(batch, data.train, CellNoise(0, 0, batch.cells), train=False)
+    assert (data.train.collection.gene_medians(batch.tokens) > 0).all()
+    by_count = 0
+    for row in range(len(batch)):
+        tokens = whole["tokens"][row][~whole["padding_mask"][row]][1:].numpy()
+        entries = slice(batch.offsets[row], batch.offsets[row + 1])
+        counts = dict(
+            zip(batch.tokens[entries].tolist(), batch.counts[entries].tolist(), strict=True)
+        )
+        in_order = np.array([counts[t] for t in tokens.tolist()])
+        key = (in_order / data.train.collection.gene_medians(tokens)).tolist()
+        assert len(tokens) == batch.lengths[row] and key == sorted(key, reverse=True)
+        by_count += in_order.tolist() == sorted(counts.values(), reverse=True)
+    assert by_count < len(batch)  # the order is not the count order
+
+
 def test_length_grouping_reduces_padding(tiny_corpus):
     mappings = mappings_of(tiny_corpus)
     data = open_split(

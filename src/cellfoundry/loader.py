@@ -471,6 +471,12 @@ class ShardCollection:
             outside.setdefault(info.dataset, set()).update(dropped)
         return {name: (len(outside[name]), len(every[name])) for name in sorted(every)}
 
+    def gene_medians(self, tokens: np.ndarray) -> np.ndarray:
+        """Non-zero corpus median of each token (collection token space); 0 where unknown."""
+        if self._median is None:
+            raise ValueError("gene medians need corpus medians: pass medians= to ShardCollection")
+        return self._median[tokens]
+
     def rank_batch(
         self, batch: SparseBatch, *, max_len: int, target_sum: float = 10_000.0
     ) -> tuple[np.ndarray, np.ndarray]:

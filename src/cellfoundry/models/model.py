@@ -35,6 +35,8 @@ class ModelConfig:
         Value bins of the shards (bin 0 = zero); value id `n_bins` is the MASK state.
     projection_dim
         Width of contrastive cell embeddings.
+    temperature
+        Initial temperature of the contrastive loss (learnable; CLIP starts at 0.07).
     pooling
         How a cell embedding is read from the hidden states: `cls` or `mean`; None (the
         config's default) means `cls` for a model with a cell head (scGPT trains its `<cls>`
@@ -49,6 +51,7 @@ class ModelConfig:
     encoder: EncoderConfig
     n_bins: int = schema_default("shards.n_bins")
     projection_dim: int = 128
+    temperature: float = schema_default("train.temperature")
     pooling: Literal["cls", "mean"] | None = schema_default("train.pooling")
     cell_head: bool = False
 
@@ -99,8 +102,8 @@ class CellModel(nn.Module):
             self.mlm_head = BertMLMHead(config.encoder, self.encoder.token_embedding)
         if config.objective == "contrastive":
             self.projection = ProjectionHead(d_model, config.projection_dim, pooling=config.pooling)
-            # CLIP's learnable temperature, initialised at T = 0.07.
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            # CLIP's learnable temperature (CLIP initialises it at T = 0.07).
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.temperature)))
         if config.objective == "diffusion":
             self.time_embedding = TimeEmbedding(d_model)
 

@@ -256,12 +256,23 @@ class Contrastive:
     hold one dataset at a time; embeddings are gathered across ranks before the loss.
 
     `panels` maps a species to its panels as arrays of the model's token ids.
+
+    With `views='subsample'` the two views are instead independent subsamples of the cell's
+    expressed genes, each keeping a share drawn per cell and view from U(`keep_min`, 1), so
+    the views' gene counts differ and a cell's depth is not a feature both views share
+    exactly. `center` subtracts each view's mean over the (gathered) batch from its
+    embeddings before the loss; `rank='normalised'` orders a view's genes by count / the
+    gene's corpus non-zero median (Geneformer's rank value) instead of by count.
     """
 
     max_len: int
     n_bins: int
     panels: Mapping[str, list[np.ndarray]] = field(default_factory=dict)
     panel_max_drop_rate: float = schema_default("train.panel_max_drop_rate")
+    views: str = schema_default("train.contrastive_views")
+    center: bool = schema_default("train.contrastive_center")
+    keep_min: float = schema_default("train.contrastive_keep_min")
+    rank: str = schema_default("train.contrastive_rank")
     padding_free: bool = schema_default("train.padding_free")
 
     name: ClassVar[str] = "contrastive"
@@ -279,10 +290,27 @@ class Contrastive:
         rows = np.repeat(np.arange(n), batch.lengths)
         tokens = global_tokens(batch, data)
         counts = batch.counts.astype(np.float64)
+        if self.rank == "normalised":
+            # Geneformer's order: count / the gene's non-zero median over the corpus (the cell
+            # total is common to a cell's genes); genes without a median come last.
+            median = data.collection.gene_medians(batch.tokens)
+            counts = np.where(median > 0, counts / np.where(median > 0, median, 1.0), 0.0)
         if not train:  # one view: the whole cell, for cell embeddings
             return self._view(
                 tokens, counts, rows, np.ones(len(tokens), bool), n, layout.cls_id, layout.pad_id
             )
+        if self.views == "subsample":
+            # Two independent subsamples, each keeping a share ~ U(keep_min, 1) of the cell's
+            # expressed genes: the views' gene counts differ, so depth is not shared exactly.
+            keep_a = self.keep_min + (1 - self.keep_min) * noise.cells_uniform().numpy()
+            keep_b = self.keep_min + (1 - self.keep_min) * noise.cells_uniform().numpy()
+            noise.for_rows(batch.lengths)
+            view_a = noise.entries().numpy() < keep_a[rows]
+            view_b = noise.entries().numpy() < keep_b[rows]
+            return {
+                "a": self._view(tokens, counts, rows, view_a, n, layout.cls_id, layout.pad_id),
+                "b": self._view(tokens, counts, rows, view_b, n, layout.cls_id, layout.pad_id),
+            }
         in_panel = np.zeros(len(tokens), dtype=bool)
         species_of_cell = data.species[batch.shard]
         cell_u = noise.cells_uniform().numpy()
@@ -319,6 +347,8 @@ class Contrastive:
         valid = _cell_mask(batch, len(z_a) // _world_size(), z_a.device)
         valid = losses.gather_with_grad(valid.float()).bool()
         z_a, z_b = z_a[valid], z_b[valid]
+        if self.center:
+            z_a, z_b = z_a - z_a.mean(0), z_b - z_b.mean(0)
         loss = losses.clip_loss(z_a, z_b, model.logit_scale)
         with torch.no_grad():
             similarity = (

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from cellfoundry.config import schema_default
 from cellfoundry.errors import CellfoundryError, ConfigError
 from cellfoundry.io import read_json
 from cellfoundry.models.encoder import EncoderConfig
@@ -120,6 +121,11 @@ def make_training_objective(
         padding_free=settings["padding_free"],
         panels=chosen,
         panel_max_drop_rate=settings["panel_max_drop_rate"],
+        # .get: the settings of exports written before these options lack them.
+        views=settings.get("contrastive_views", schema_default("train.contrastive_views")),
+        center=settings.get("contrastive_center", schema_default("train.contrastive_center")),
+        keep_min=settings.get("contrastive_keep_min", schema_default("train.contrastive_keep_min")),
+        rank=settings.get("contrastive_rank", schema_default("train.contrastive_rank")),
         input_layout=settings.get("input_layout", "cls"),
     )
 
@@ -207,6 +213,7 @@ def model_config(
         n_bins=n_bins,
         pooling=settings["pooling"],
         cell_head=cell_head,
+        temperature=settings["temperature"],
     )
 
 

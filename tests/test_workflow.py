@@ -606,7 +606,7 @@ def test_readme_examples_run_as_written_on_the_demo(demo_project, readme_run):
     generated = ad.read_h5ad(root / "generated.h5ad")
     assert generated.n_obs == 100 and generated.uns["cellfoundry"]["species"] == "hsapiens"
     assert (root / "report.html").stat().st_size > 100_000
-    # The default run is a contrastive model: sampling from it, or loading it as a BERT, is
+    # The default run is a binned-MLM model: sampling from it, or loading it as a BERT, is
     # refused in one line.
     refused = run(
         ["python", "-m", "cellfoundry", "sample", "--model", "results/model_checkpoints/demo/final",

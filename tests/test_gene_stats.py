@@ -45,12 +45,13 @@ def accumulate(
 
 
 def normalized_columns(X: sp.csr_matrix) -> list[np.ndarray]:
-    """Each gene's non-zero normalized values, count / total * 10,000, in numpy."""
+    """Each gene's non-zero normalized values in the order of cells, count / total * 10,000,
+    in numpy, computed in the order the accumulator defines them."""
     X = sp.csr_matrix(X, dtype=np.float64)
     total = np.asarray(X.sum(1)).ravel()
-    N = sp.diags(1 / total) @ X * TARGET
-    N = sp.csc_matrix(N)
-    return [N.data[N.indptr[g] : N.indptr[g + 1]] for g in range(N.shape[1])]
+    C = sp.csc_matrix(X)
+    values = C.data / total[C.indices] * TARGET
+    return [values[C.indptr[g] : C.indptr[g + 1]] for g in range(C.shape[1])]
 
 
 def parquet_bytes(table: pl.DataFrame) -> bytes:
@@ -257,11 +258,7 @@ def test_pools_that_grow_and_compact_keep_every_value_in_order(monkeypatch):
     assert compacted.count(0) >= 2 and compacted.count(1) >= 2  # values and codes
     held = tiers(stats)
     assert (held[:, 0] > 0).sum() > 400 and (held[:, 1] > 0).sum() > 2_000
-    total = np.asarray(X.sum(1)).ravel().astype(np.float64)
-    C = sp.csc_matrix(X)
-    for gene in range(C.shape[1]):
-        rows = C.indices[C.indptr[gene] : C.indptr[gene + 1]]
-        column = C.data[C.indptr[gene] : C.indptr[gene + 1]] / total[rows] * TARGET  # as added
+    for gene, column in enumerate(normalized_columns(X)):
         if 0 < len(column) <= 100:
             assert np.array_equal(stats["values"][gene].to_numpy(), column)
         elif len(column) > 100:

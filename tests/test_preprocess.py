@@ -368,6 +368,28 @@ def test_failure_in_a_late_block_leaves_no_partial_output(make_adata, human, tmp
     assert nothing_written(tmp_path / "out")
 
 
+def test_a_full_disk_is_the_error_reported_and_leaves_no_partial_output(
+    make_adata, human, tmp_path, monkeypatch
+):
+    """When the disk fills while X is written, closing the h5ad fails too (h5py flushes on
+    close): the error raised is still the write's, and nothing is left behind."""
+    from cellfoundry.preprocess import H5adWriter
+
+    def full_disk(self):
+        def close():
+            raise RuntimeError("Can't close dataset (file write failed)")
+
+        self.handle.close = close
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(H5adWriter, "_flush", full_disk)
+    path = tmp_path / "b.h5ad"
+    make_adata(n_cells=100).write_h5ad(path)
+    with pytest.raises(OSError, match="No space left on device"):
+        preprocess_path(path, human, tmp_path / "out", block_cells=10)
+    assert nothing_written(tmp_path / "out")
+
+
 def test_too_few_genes_mapping_fails_naming_the_likely_species(make_adata, mouse, tmp_path):
     path = tmp_path / "human.h5ad"
     make_adata().write_h5ad(path)

@@ -1063,9 +1063,13 @@ class H5adWriter:
         self.handle.close()
 
     def abort(self) -> None:
-        """Close the file if it is still open (after an error; the caller removes it)."""
+        """Close the file if it is still open (after an error; the caller removes it).
+
+        A close that fails too (the disk is full, say) is not raised: it would replace the
+        error that brought us here."""
         if self.handle.id.valid:
-            self.handle.close()
+            with contextlib.suppress(OSError, RuntimeError):
+                self.handle.close()
 
 
 # --- one dataset: its files together ----------------------------------------------------------

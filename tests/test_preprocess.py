@@ -390,6 +390,20 @@ def test_a_full_disk_is_the_error_reported_and_leaves_no_partial_output(
     assert nothing_written(tmp_path / "out")
 
 
+def test_a_matrix_with_other_cells_than_obs_fails_in_one_line(make_adata, human, tmp_path):
+    """obs is read after the counts have streamed, so its length is checked on opening."""
+    path = tmp_path / "short.h5ad"
+    make_adata(n_cells=100).write_h5ad(path)
+    with h5py.File(path, "r+") as handle:
+        dense = handle["X"]["data"][:0]  # any dtype the counts have
+        del handle["X"]
+        handle.create_dataset("X", data=np.ones((90, 300), dtype=dense.dtype))
+        handle["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    with pytest.raises(DatasetError, match=r"file '.*short.h5ad'.*X has 90 rows but obs has 100"):
+        preprocess_path(path, human, tmp_path / "out")
+    assert nothing_written(tmp_path / "out")
+
+
 def test_too_few_genes_mapping_fails_naming_the_likely_species(make_adata, mouse, tmp_path):
     path = tmp_path / "human.h5ad"
     make_adata().write_h5ad(path)

@@ -31,7 +31,7 @@ exact medians for rare genes and bounded error for the others (`tests/test_gene_
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,6 +53,8 @@ _N_CODES = 32 * CODE_RESOLUTION
 # up to QUANTIZED_MAX_CELLS, codes.
 EXACT_MAX_CELLS = schema_default("gene_stats.exact_max_cells")
 QUANTIZED_MAX_CELLS = 10_000
+# Genes per table (parquet row group) when statistics are written table by table.
+GENES_PER_TABLE = 2048
 SCHEMA = {
     "gene_id": pl.Utf8,
     "n_obs": pl.Int64,
@@ -624,25 +626,40 @@ class GeneStatsAccumulator:
             self._grow(full)
 
     def table(self, gene_ids: Sequence[str] | np.ndarray) -> pl.DataFrame:
-        """The statistics as a table (`SCHEMA`), one row per gene in the order of `gene_ids`;
-        values and codes in the order they were added (cells in file order, inputs in merge
-        order)."""
-        values, v_off, codes, c_off, hist, h_off, starts = _flatten(*self._pools()[:4])
-        frame = pl.DataFrame(
-            {
-                "gene_id": np.asarray(gene_ids, dtype=str),
-                "n_obs": self.n_obs,
-                "n_cells": self.n_cells,
-                "sum": self.sums,
-                "sum_sq": self.sums_sq,
-                "values": _list_series(values, v_off, pl.Float64),
-                "codes": _list_series(codes, c_off, pl.UInt16),
-                "hist_start": starts,
-                "hist": _list_series(hist, h_off, pl.Int64),
-                "target_sum": np.full(self.n_genes, self.target_sum),
-            }
-        )
-        return frame.cast(SCHEMA)
+        """The statistics as one table (`SCHEMA`): `tables` concatenated."""
+        return pl.concat(list(self.tables(gene_ids)), rechunk=True)
+
+    def tables(
+        self, gene_ids: Sequence[str] | np.ndarray, genes_per_table: int = GENES_PER_TABLE
+    ) -> Iterator[pl.DataFrame]:
+        """The statistics as tables (`SCHEMA`) of `genes_per_table` consecutive genes each,
+        in the order of `gene_ids` (one per gene of the accumulator); values and codes in the
+        order they were added (cells in file order, inputs in merge order).
+
+        Each table is built when asked for, so writing them one by one (`write_gene_stats`)
+        holds one table's copy of the pools, not all of them."""
+        gene_ids = np.asarray(gene_ids, dtype=str)
+        if len(gene_ids) != self.n_genes:
+            raise ValueError(f"{len(gene_ids)} gene IDs for {self.n_genes} genes")
+        for lo in range(0, max(self.n_genes, 1), genes_per_table):
+            rows = slice(lo, min(lo + genes_per_table, self.n_genes))
+            values, v_off, codes, c_off, hist, h_off, starts = _flatten(
+                self._st[rows], self._vpool, self._cpool, self._hpool
+            )
+            yield pl.DataFrame(
+                {
+                    "gene_id": gene_ids[rows],
+                    "n_obs": self.n_obs[rows],
+                    "n_cells": self.n_cells[rows],
+                    "sum": self.sums[rows],
+                    "sum_sq": self.sums_sq[rows],
+                    "values": _list_series(values, v_off, pl.Float64),
+                    "codes": _list_series(codes, c_off, pl.UInt16),
+                    "hist_start": starts,
+                    "hist": _list_series(hist, h_off, pl.Int64),
+                    "target_sum": np.full(len(starts), self.target_sum),
+                }
+            ).cast(SCHEMA)
 
 
 def compute_gene_stats(
@@ -677,11 +694,25 @@ def empty_table() -> pl.DataFrame:
     return pl.DataFrame(schema=SCHEMA)
 
 
-def write_gene_stats(table: pl.DataFrame, path: str | Path) -> None:
-    """Write a statistics table (`SCHEMA`) as parquet with zstd level 1: a 100k-cell file's
-    table holds tens of millions of codes, and level 1 writes it 2.8x faster than polars'
-    default level 3 for a 17% larger file (`benchmarks/bench_scale.py`)."""
-    table.write_parquet(path, compression="zstd", compression_level=1, statistics=False)
+def write_gene_stats(tables: pl.DataFrame | Iterable[pl.DataFrame], path: str | Path) -> None:
+    """Write statistics (`SCHEMA`), one table or tables in order (one parquet row group each,
+    so a file's statistics are written without holding them all: `GeneStatsAccumulator.tables`),
+    as parquet with zstd level 1: a 100k-cell file's statistics hold tens of millions of codes,
+    and level 1 writes them 2.8x faster than polars' default level 3 for a 17% larger file
+    (`benchmarks/bench_scale.py`)."""
+    import pyarrow.parquet as pq
+
+    if isinstance(tables, pl.DataFrame):
+        tables = [tables]
+    with pq.ParquetWriter(
+        path,
+        empty_table().to_arrow().schema,
+        compression="zstd",
+        compression_level=1,
+        write_statistics=False,
+    ) as writer:
+        for table in tables:
+            writer.write_table(table.to_arrow())
 
 
 def merge_gene_stats(

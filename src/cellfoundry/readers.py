@@ -191,7 +191,7 @@ class H5adReader(CellReader):
 
         self.path = path
         self.file = h5py.File(path, "r")
-        self.obs = _dataframe(read_elem(self.file["obs"])) if "obs" in self.file else None
+        self._obs: pd.DataFrame | None = None
         self._matrices: dict[str, Any] = {}
         if "X" in self.file:
             self._matrices["X"] = self.file["X"]
@@ -201,19 +201,46 @@ class H5adReader(CellReader):
             for name, element in self.file["layers"].items():
                 self._matrices[f"layers/{name}"] = element
         self.n_obs = self._n_obs()
-        if self.obs is None:
-            self.obs = pd.DataFrame(index=pd.RangeIndex(self.n_obs).astype(str))
+        for location, element in self._matrices.items():
+            if (rows := _shape(element)[0]) != self.n_obs:
+                raise ValueError(f"{location} has {rows} rows but obs has {self.n_obs} cells")
         self._uns_organism = None
         if "uns" in self.file and "organism_ontology_term_id" in self.file["uns"]:
             value = read_elem(self.file["uns/organism_ontology_term_id"])
             self._uns_organism = str(value) if np.ndim(value) == 0 else None
 
+    @property
+    def obs(self) -> pd.DataFrame:
+        """Read when first asked for: `preprocess_file` asks after the counts have streamed,
+        as a CELLxGENE file's annotations of millions of cells take hundreds of MB."""
+        if self._obs is None:
+            from anndata.io import read_elem
+
+            if "obs" in self.file:
+                self._obs = _dataframe(read_elem(self.file["obs"]))
+            else:
+                self._obs = pd.DataFrame(index=pd.RangeIndex(self.n_obs).astype(str))
+        return self._obs
+
     def _n_obs(self) -> int:
-        if self.obs is not None:
+        obs = self.file.get("obs")
+        index = obs.attrs.get("_index") if isinstance(obs, h5py.Group) else None
+        if isinstance(index, str) and index in obs:
+            return len(obs[index])
+        if obs is not None:  # an older encoding: read it
             return len(self.obs)
         for element in self._matrices.values():
             return int(_shape(element)[0])
         return 0
+
+    def _obs_column(self, name: str) -> Any:
+        """One obs column (None if absent), without reading the others."""
+        from anndata.io import read_elem
+
+        obs = self.file.get("obs")
+        if self._obs is None and isinstance(obs, h5py.Group) and "_index" in obs.attrs:
+            return read_elem(obs[name]) if name in obs else None
+        return self.obs[name] if name in self.obs else None
 
     def locations(self) -> list[str]:
         return list(self._matrices)
@@ -282,8 +309,9 @@ class H5adReader(CellReader):
 
     def organisms(self) -> set[str]:
         found: set[str] = set()
-        if self.obs is not None and "organism_ontology_term_id" in self.obs:
-            found |= {str(v) for v in self.obs["organism_ontology_term_id"].dropna().unique()}
+        column = self._obs_column("organism_ontology_term_id")
+        if column is not None:
+            found |= {str(v) for v in pd.Series(column).dropna().unique()}
         if self._uns_organism:
             found.add(self._uns_organism)
         return found

@@ -9,6 +9,7 @@ import io
 import anndata as ad
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
@@ -19,6 +20,7 @@ from cellfoundry.gene_stats import (
     merge_gene_stats,
     nonzero_medians,
     summarize,
+    write_gene_stats,
 )
 
 TARGET = 10_000.0
@@ -169,6 +171,23 @@ def test_statistics_do_not_depend_on_blocks_or_tier_changes():
     assert (tiers(tables[0]) > 0).any(0).all()  # all three tiers in use
     first = parquet_bytes(tables[0])
     assert all(parquet_bytes(t) == first for t in tables[1:])
+
+
+def test_statistics_written_table_by_table_are_the_whole_table(tmp_path):
+    """`write_gene_stats` of `tables` (what preprocessing writes, a row group per table) reads
+    back as the one table, whatever the tables' size, every tier included."""
+    X = synthetic(3_000, 60, seed=2)
+    genes = np.array([f"g{i:02d}" for i in range(60)])
+    stats = GeneStatsAccumulator(60, exact_max_cells=20, quantized_max_cells=300)
+    total = np.asarray(X.sum(1)).ravel().astype(np.float64)
+    stats.add_cells(X.indptr, X.indices, X.data, total)
+    whole = stats.table(genes)
+    assert (tiers(whole) > 0).any(0).all()
+    for size in (1, 7, 59, 100):
+        write_gene_stats(stats.tables(genes, genes_per_table=size), tmp_path / f"{size}.parquet")
+        back = pl.read_parquet(tmp_path / f"{size}.parquet")
+        assert back.equals(whole), size
+        assert pq.ParquetFile(tmp_path / f"{size}.parquet").num_row_groups == -(-60 // size)
 
 
 def test_merge_is_whole_file_statistics_and_sorted_inputs_give_the_same_bytes(tmp_path):

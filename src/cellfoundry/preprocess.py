@@ -802,7 +802,9 @@ def preprocess_file(
         # grew the job by 0.2 GiB over a 1M-cell file, `benchmarks/bench_scale.py`).
         cell_qc = {
             name: np.zeros(reader.n_obs, dtype=dtype)
-            for name, dtype in zip((*QC_COLUMNS, "kept"), (float, np.int64, float, bool))
+            for name, dtype in zip(
+                (*QC_COLUMNS, "kept"), (float, np.int64, float, bool), strict=True
+            )
         }
         n_rounded, n_read = 0, 0
         for start, block in _blocks(reader, location, block_cells, dataset, path):
@@ -820,7 +822,7 @@ def preprocess_file(
             mito = np.divide(mito_counts, total, out=np.zeros_like(total), where=total > 0)
             keep = _qc_keep(total, n_genes, mito, settings)
             rows = slice(start, start + len(total))
-            for column, values in zip(cell_qc.values(), (total, n_genes, mito, keep)):
+            for column, values in zip(cell_qc.values(), (total, n_genes, mito, keep), strict=True):
                 column[rows] = values
             n_read += len(total)
             out_indptr, genes, values = _collapse(

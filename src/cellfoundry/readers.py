@@ -240,7 +240,7 @@ class H5adReader(CellReader):
         obs = self.file.get("obs")
         if self._obs is None and isinstance(obs, h5py.Group) and "_index" in obs.attrs:
             return read_elem(obs[name]) if name in obs else None
-        return self.obs[name] if name in self.obs else None
+        return self.obs.get(name)
 
     def locations(self) -> list[str]:
         return list(self._matrices)

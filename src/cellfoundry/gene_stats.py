@@ -696,10 +696,11 @@ def empty_table() -> pl.DataFrame:
 
 def write_gene_stats(tables: pl.DataFrame | Iterable[pl.DataFrame], path: str | Path) -> None:
     """Write statistics (`SCHEMA`), one table or tables in order (one parquet row group each,
-    so a file's statistics are written without holding them all: `GeneStatsAccumulator.tables`),
-    as parquet with zstd level 1: a 100k-cell file's statistics hold tens of millions of codes,
-    and level 1 writes them 2.8x faster than polars' default level 3 for a 17% larger file
-    (`benchmarks/bench_scale.py`)."""
+    so a file's statistics are written without holding them all: `GeneStatsAccumulator.tables`).
+
+    Compressed with snappy after dictionary encoding: the codes of a 100k-cell file (tens of
+    millions) barely compress further (zstd level 1 gives a 3% smaller file) and snappy writes
+    them 1.8x faster (`benchmarks/bench_scale.py` outputs)."""
     import pyarrow.parquet as pq
 
     if isinstance(tables, pl.DataFrame):
@@ -707,8 +708,7 @@ def write_gene_stats(tables: pl.DataFrame | Iterable[pl.DataFrame], path: str | 
     with pq.ParquetWriter(
         path,
         empty_table().to_arrow().schema,
-        compression="zstd",
-        compression_level=1,
+        compression="snappy",
         write_statistics=False,
     ) as writer:
         for table in tables:

@@ -101,6 +101,9 @@ class EncoderConfig:
         ESM2-t30); None: none.
     gradient_checkpointing
         Recompute each layer's activations in the backward pass to save memory.
+    final_norm_bias
+        Whether the final LayerNorm (pre-LN) has a bias. An objective that centres cell
+        embeddings over the batch cancels that bias exactly, so it would only learn float noise.
     """
 
     vocab_size: int
@@ -121,6 +124,7 @@ class EncoderConfig:
     type_vocab_size: int = 1
     gene_embedding_dim: int | None = None
     gradient_checkpointing: bool = schema_default("train.model.gradient_checkpointing")
+    final_norm_bias: bool = True
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads != 0:
@@ -163,7 +167,8 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
                 module.weight[module.padding_idx].zero_()
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class Embeddings(nn.Module):
@@ -306,7 +311,9 @@ class TranscriptomeEncoder(nn.Module):
         self.embeddings = Embeddings(config, gene_embeddings)
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.n_layers))
         self.final_norm = (
-            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else None
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.final_norm_bias)
+            if config.norm_first
+            else None
         )
         self.gradient_checkpointing = config.gradient_checkpointing
         self.apply(lambda m: init_bert_weights(m, config.initializer_range))

@@ -263,6 +263,8 @@ class Contrastive:
     exactly. `center` subtracts each view's mean over the (gathered) batch from its
     embeddings before the loss; `rank='normalised'` orders a view's genes by count / the
     gene's corpus non-zero median (Geneformer's rank value) instead of by count.
+    `view_len` caps a training view at that many tokens (`<cls>` included; None = `max_len`),
+    which makes a step cheaper; the cell embedding (one view: the whole cell) keeps `max_len`.
     """
 
     max_len: int
@@ -273,6 +275,7 @@ class Contrastive:
     center: bool = schema_default("train.contrastive_center")
     keep_min: float = schema_default("train.contrastive_keep_min")
     rank: str = schema_default("train.contrastive_rank")
+    view_len: int | None = schema_default("train.contrastive_view_len")
     padding_free: bool = schema_default("train.padding_free")
 
     name: ClassVar[str] = "contrastive"
@@ -280,7 +283,8 @@ class Contrastive:
 
     def model_options(self) -> dict[str, Any]:
         # scConcept's rank encoding: a gene's place in the count order is its position.
-        return {"n_values": 0, "position": "learned"}
+        # Centring cancels the final norm's bias (a shift common to all cells): leave it out.
+        return {"n_values": 0, "position": "learned", "final_norm_bias": not self.center}
 
     def collate(
         self, batch: SparseBatch, data: SplitData, noise: CellNoise, *, train: bool = True
@@ -297,8 +301,9 @@ class Contrastive:
             counts = np.where(median > 0, counts / np.where(median > 0, median, 1.0), 0.0)
         if not train:  # one view: the whole cell, for cell embeddings
             return self._view(
-                tokens, counts, rows, np.ones(len(tokens), bool), n, layout.cls_id, layout.pad_id
+                tokens, counts, rows, np.ones(len(tokens), bool), n, layout, self.max_len
             )
+        view_len = min(self.view_len or self.max_len, self.max_len)
         if self.views == "subsample":
             # Two independent subsamples, each keeping a share ~ U(keep_min, 1) of the cell's
             # expressed genes: the views' gene counts differ, so depth is not shared exactly.
@@ -308,8 +313,8 @@ class Contrastive:
             view_a = noise.entries().numpy() < keep_a[rows]
             view_b = noise.entries().numpy() < keep_b[rows]
             return {
-                "a": self._view(tokens, counts, rows, view_a, n, layout.cls_id, layout.pad_id),
-                "b": self._view(tokens, counts, rows, view_b, n, layout.cls_id, layout.pad_id),
+                "a": self._view(tokens, counts, rows, view_a, n, layout, view_len),
+                "b": self._view(tokens, counts, rows, view_b, n, layout, view_len),
             }
         in_panel = np.zeros(len(tokens), dtype=bool)
         species_of_cell = data.species[batch.shard]
@@ -326,18 +331,21 @@ class Contrastive:
         drop = noise.cells_uniform().numpy() * self.panel_max_drop_rate
         view_a = in_panel & (noise.for_rows(batch.lengths).entries().numpy() >= drop[rows])
         return {
-            "a": self._view(tokens, counts, rows, view_a, n, layout.cls_id, layout.pad_id),
-            "b": self._view(tokens, counts, rows, ~view_a, n, layout.cls_id, layout.pad_id),
+            "a": self._view(tokens, counts, rows, view_a, n, layout, view_len),
+            "b": self._view(tokens, counts, rows, ~view_a, n, layout, view_len),
         }
 
-    def _view(self, tokens, counts, rows, keep, n, cls_id, pad_id) -> dict[str, Tensor]:
-        """`<cls>` + the kept genes of each cell in descending count order, up to max_len."""
+    def _view(self, tokens, counts, rows, keep, n, layout, length) -> dict[str, Tensor]:
+        """`<cls>` + the kept genes of each cell in descending count order, up to `length`."""
         entries = np.flatnonzero(keep)
-        chosen = entries[_ranked_in_groups(counts[entries], rows[entries], self.max_len - 1)]
+        chosen = entries[_ranked_in_groups(counts[entries], rows[entries], length - 1)]
         lengths = np.bincount(rows[chosen], minlength=n)
-        cu, (view_tokens,) = _with_cls(lengths, (tokens[chosen], cls_id))
+        cu, (view_tokens,) = _with_cls(lengths, (tokens[chosen], layout.cls_id))
         return as_model_batch(
-            {"tokens": view_tokens}, cu, padding_free=self.padding_free, pad={"tokens": pad_id}
+            {"tokens": view_tokens},
+            cu,
+            padding_free=self.padding_free,
+            pad={"tokens": layout.pad_id},
         )
 
     def loss(self, model: CellModel, batch: dict[str, Any]) -> dict[str, Tensor]:

@@ -126,6 +126,7 @@ def make_training_objective(
         center=settings.get("contrastive_center", schema_default("train.contrastive_center")),
         keep_min=settings.get("contrastive_keep_min", schema_default("train.contrastive_keep_min")),
         rank=settings.get("contrastive_rank", schema_default("train.contrastive_rank")),
+        view_len=settings.get("contrastive_view_len", schema_default("train.contrastive_view_len")),
         input_layout=settings.get("input_layout", "cls"),
     )
 

@@ -222,12 +222,17 @@ class H5adReader(CellReader):
                 self._obs = pd.DataFrame(index=pd.RangeIndex(self.n_obs).astype(str))
         return self._obs
 
-    def _n_obs(self) -> int:
+    def _obs_group(self) -> h5py.Group | None:
+        """obs in anndata's dataframe encoding (a group naming its index dataset), whose
+        index and columns can be read one by one; None if obs is absent or older."""
         obs = self.file.get("obs")
         index = obs.attrs.get("_index") if isinstance(obs, h5py.Group) else None
-        if isinstance(index, str) and index in obs:
-            return len(obs[index])
-        if obs is not None:  # an older encoding: read it
+        return obs if isinstance(index, str) and index in obs else None
+
+    def _n_obs(self) -> int:
+        if (obs := self._obs_group()) is not None:
+            return len(obs[obs.attrs["_index"]])
+        if "obs" in self.file:  # an older encoding: read it
             return len(self.obs)
         for element in self._matrices.values():
             return int(_shape(element)[0])
@@ -237,8 +242,7 @@ class H5adReader(CellReader):
         """One obs column (None if absent), without reading the others."""
         from anndata.io import read_elem
 
-        obs = self.file.get("obs")
-        if self._obs is None and isinstance(obs, h5py.Group) and "_index" in obs.attrs:
+        if self._obs is None and (obs := self._obs_group()) is not None:
             return read_elem(obs[name]) if name in obs else None
         return self.obs.get(name)
 

@@ -35,8 +35,12 @@ def from_command_line(*entries: str) -> dict:
 
 def test_a_preset_on_the_command_line_beats_the_defaults_and_loses_to_the_user():
     shipped = from_command_line()["train"]
-    assert shipped["preset"] == "small" and shipped["objective"] == "binned_mlm"
+    assert shipped["preset"] == "small" and shipped["objective"] == "contrastive"
+    assert (shipped["contrastive_views"], shipped["contrastive_center"]) == ("subsample", True)
+    assert (shipped["temperature"], shipped["contrastive_view_len"]) == (0.2, 128)
     assert shipped["gene_embeddings"] == "coexpression"
+    # Without the preset, the schema's defaults: the binned MLM.
+    assert from_command_line("train={preset: null}")["train"]["objective"] == "binned_mlm"
 
     geneformer = from_command_line("train={preset: geneformer_10m}")["train"]
     model = geneformer["model"]

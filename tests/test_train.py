@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -26,6 +27,7 @@ from cellfoundry.train.data import (
     CollatedBatches,
     PlannedBatches,
     VocabularyLayout,
+    dataset_targets,
     n_cells,
     open_split,
 )
@@ -304,6 +306,49 @@ def test_every_dataset_is_trained_on_with_one_dataset_batches(tiny_corpus, caplo
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 0:"))
     retina_seen, retina_total = plan.cells_per_dataset(0)["demo_retina"]
     assert f"demo_retina {retina_seen}/{retina_total}" in line
+
+
+def _two_dataset_split(big: int, small: int) -> SimpleNamespace:
+    """The parts of a SplitData a BatchPlan reads: one species, a big and a small dataset."""
+    collection = SimpleNamespace(shard_ranges=lambda: [(0, big), (big, big + small)])
+    names = ["big", "small"]
+    return SimpleNamespace(
+        collection=collection,
+        datasets=np.array([0, 1]),
+        species=np.array(["hsapiens", "hsapiens"], dtype=object),
+        dataset_names=names,
+        dataset_name=names.__getitem__,
+    )
+
+
+def test_dataset_alpha_rebalances_the_datasets_of_an_epoch():
+    """alpha 0.5 gives the datasets N n^0.5 / sum n^0.5 of an epoch's N cells (XLM's rule):
+    the small one repeats its cells, each 2 or 3 times, and the big one is subsampled without
+    repeats; alpha 1 is the plan without rebalancing, batch for batch."""
+    data = _two_dataset_split(400, 40)
+    assert dataset_targets([400, 40], 0.5) == [334, 106]  # 440 x 20 / 26.32, 440 x 6.32 / 26.32
+    assert dataset_targets([400, 40], 0.0) == [220, 220]
+    assert dataset_targets([400, 40], 1.0) == [400, 40]
+    for within in (True, False):
+        plain = BatchPlan(data, 8, seed=4, within_dataset=within)
+        same = BatchPlan(data, 8, seed=4, within_dataset=within, dataset_alpha=1.0)
+        assert all(np.array_equal(plain.batch(k), same.batch(k)) for k in range(60))
+        plan = BatchPlan(data, 8, seed=4, within_dataset=within, dataset_alpha=0.5)
+        assert plan.batches_per_epoch == 55  # as many cells as the split holds
+        subsets = []
+        for epoch in range(2):
+            cells = np.concatenate(plan.epoch_plan(epoch))
+            small = cells[cells >= 400]
+            assert len(small) == 106 and set(np.bincount(small - 400)) == {2, 3}
+            big = cells[cells < 400]
+            assert len(big) == 334 == len(np.unique(big))
+            subsets.append(set(big.tolist()))
+            assert plan.cells_per_dataset(epoch) == {"big": (334, 400), "small": (106, 40)}
+        assert subsets[0] != subsets[1]  # each epoch draws its own subset of the big dataset
+        again = BatchPlan(data, 8, seed=4, within_dataset=within, dataset_alpha=0.5)
+        assert all(np.array_equal(plan.batch(k), again.batch(k)) for k in range(120))
+    with pytest.raises(ValueError, match="dataset_alpha must lie in"):
+        BatchPlan(data, 8, seed=4, dataset_alpha=1.5)
 
 
 def test_uneven_batches_split_into_equal_shapes(tiny_corpus):

@@ -207,6 +207,13 @@ class BatchPlan:
     still visits each cell at most once in random batches.
     With `drop_last=False` (validation) each dataset's last, smaller batch is kept instead of
     pooled, so every cell is evaluated; it must hold at least `min_cells` cells.
+
+    `dataset_alpha` < 1 rebalances datasets: an epoch of N cells draws `dataset_targets`, i.e.
+    N x n_d^alpha / sum_e n_e^alpha cells of dataset d (rounded), the multinomial language
+    sampling of Conneau & Lample 2019 (XLM, alpha 0.5) over datasets. A dataset below its
+    target repeats its cells in fresh permutations (each cell floor or ceil of target / n_d
+    times), one above it contributes a different random subset each epoch; alpha 1 keeps
+    every cell once per epoch, alpha 0 gives every dataset the same share.
     """
 
     LENGTH_WINDOW = 64
@@ -221,49 +228,65 @@ class BatchPlan:
         length_grouped: bool = False,
         drop_last: bool = True,
         min_cells: int = 1,
+        dataset_alpha: float = 1.0,
     ) -> None:
+        if not 0 <= dataset_alpha <= 1:
+            raise ValueError(f"dataset_alpha must lie in [0, 1], not {dataset_alpha}")
         self.data = data
         self.global_batch = global_batch
         self.seed = seed
         self.within_dataset = within_dataset
+        self.dataset_alpha = dataset_alpha
         self.drop_last, self.min_cells = drop_last, min_cells
         self.lengths = data.collection.cell_lengths() if length_grouped else None
         ranges = data.collection.shard_ranges()
         groups: dict[int, list[np.ndarray]] = {}
         species: dict[int, str] = {}
+        by_dataset: dict[int, list[np.ndarray]] = {}
         for (start, stop), dataset, shard_species in zip(
             ranges, data.datasets, data.species, strict=True
         ):
             key = int(dataset) if within_dataset else 0
             groups.setdefault(key, []).append(np.arange(start, stop))
             species[key] = str(shard_species) if within_dataset else ""
+            by_dataset.setdefault(int(dataset), []).append(np.arange(start, stop))
         keys = sorted(groups)
         self.groups = [np.concatenate(groups[k]) for k in keys]
         self.group_species = [species[k] for k in keys]
+        self.dataset_cells = [np.concatenate(by_dataset[d]) for d in sorted(by_dataset)]
+        self.dataset_targets = dataset_targets([len(c) for c in self.dataset_cells], dataset_alpha)
+        # Cells a group holds per epoch (with rebalancing, its datasets' targets).
+        self.group_sizes = (
+            [len(g) for g in self.groups]
+            if dataset_alpha == 1
+            else self.dataset_targets
+            if within_dataset
+            else [sum(self.dataset_targets)]
+        )
         self.pools = sorted(set(self.group_species)) if within_dataset and drop_last else []
         self.dataset_of_cell = np.repeat(
             np.asarray(data.datasets, dtype=np.int64), [b - a for a, b in ranges]
         )
         pooled = {
             pool: sum(
-                len(g) % global_batch
-                for g, s in zip(self.groups, self.group_species, strict=True)
+                n % global_batch
+                for n, s in zip(self.group_sizes, self.group_species, strict=True)
                 if s == pool
             )
             for pool in self.pools
         }
-        self.batches_per_epoch = sum(self._n_batches(len(g)) for g in self.groups) + sum(
+        self.batches_per_epoch = sum(self._n_batches(n) for n in self.group_sizes) + sum(
             n // global_batch for n in pooled.values()
         )
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"no batch of {global_batch} cells fits: the largest group has "
-                f"{max(len(g) for g in self.groups)} cells"
+                f"{max(self.group_sizes)} cells"
             )
         self.unreachable = {}
         for pool in self.pools:
             total = sum(
-                len(g) for g, s in zip(self.groups, self.group_species, strict=True) if s == pool
+                n for n, s in zip(self.group_sizes, self.group_species, strict=True) if s == pool
             )
             if total < global_batch:
                 self.unreachable[pool] = total
@@ -275,7 +298,7 @@ class BatchPlan:
             rng = np.random.default_rng(derive_seed(self.seed, "batches", epoch))
             batches: list[np.ndarray] = []
             rests: dict[str, list[np.ndarray]] = {pool: [] for pool in self.pools}
-            for group, species in zip(self.groups, self.group_species, strict=True):
+            for group, species in zip(self._epoch_groups(rng), self.group_species, strict=True):
                 order = rng.permutation(group)
                 n = self._n_batches(len(order))
                 batches += self._cut(order, n)
@@ -287,6 +310,17 @@ class BatchPlan:
             self._plan = [batches[i] for i in rng.permutation(len(batches))]
             self._epoch = epoch
         return self._plan
+
+    def _epoch_groups(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """The cells each group draws its batches from this epoch (with `dataset_alpha` < 1,
+        each dataset's cells repeated or subsampled to its target)."""
+        if self.dataset_alpha == 1:
+            return self.groups
+        drawn = [
+            _permutations(cells, target, rng)
+            for cells, target in zip(self.dataset_cells, self.dataset_targets, strict=True)
+        ]
+        return drawn if self.within_dataset else [np.concatenate(drawn)]
 
     def _cut(self, order: np.ndarray, n: int) -> list[np.ndarray]:
         """`n` batches from the front of `order` (length-sorted in windows when grouping)."""
@@ -340,6 +374,26 @@ class BatchPlan:
                 n,
                 self.global_batch,
             )
+
+
+def dataset_targets(sizes: Sequence[int], alpha: float) -> list[int]:
+    """Cells per epoch of each dataset when an epoch of sum(sizes) cells gives dataset d the
+    share n_d^alpha / sum_e n_e^alpha (XLM's multinomial sampling, Conneau & Lample 2019;
+    alpha 1: the sizes themselves, alpha 0: equal shares). Every non-empty dataset gets at
+    least one cell."""
+    if alpha == 1:
+        return [int(n) for n in sizes]
+    n = np.asarray(sizes, dtype=np.float64)
+    weights = np.where(n > 0, n, 0.0) ** alpha * (n > 0)
+    targets = np.rint(n.sum() * weights / weights.sum()).astype(np.int64)
+    return [int(t) for t in np.where(n > 0, np.maximum(targets, 1), 0)]
+
+
+def _permutations(cells: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` cells from fresh permutations of `cells`, one after the other (each cell floor or
+    ceil of n / len(cells) times)."""
+    repeats = -(-n // len(cells))
+    return np.concatenate([rng.permutation(cells) for _ in range(repeats)])[:n]
 
 
 class PlannedBatches(Sampler):
@@ -502,6 +556,8 @@ class ShardDataModule(L.LightningDataModule):
         Batches hold one dataset each (contrastive training).
     length_grouped
         Batch cells of similar length together (less padding).
+    dataset_alpha
+        Training datasets' shares of an epoch, proportional to n_cells^alpha (`BatchPlan`).
     val_batches
         Validation batches per evaluation (a fixed set, the same at every evaluation).
     num_workers
@@ -522,6 +578,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int,
         within_dataset: bool = False,
         length_grouped: bool = schema_default("train.length_grouped"),
+        dataset_alpha: float = schema_default("train.dataset_alpha"),
         val_batches: int = schema_default("train.val_batches"),
         num_workers: int = schema_default("train.num_workers"),
         medians: Mapping[str, pl.DataFrame] | None = None,
@@ -530,7 +587,7 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.manifest, self.mappings, self.collate = Path(manifest), dict(mappings), collate
         self.batch_size, self.seed, self.within_dataset = batch_size, seed, within_dataset
-        self.length_grouped = length_grouped
+        self.length_grouped, self.dataset_alpha = length_grouped, dataset_alpha
         self.val_batches, self.num_workers, self.medians = val_batches, num_workers, medians
         self.layout = VocabularyLayout.from_mappings(self.mappings, specials=specials)
         self.train: SplitData | None = None
@@ -563,6 +620,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             within_dataset=self.within_dataset,
             length_grouped=self.length_grouped,
+            dataset_alpha=self.dataset_alpha,
         )
         # Resume where the checkpoint left off: batches consumed = optimizer steps x accumulation.
         start = 0

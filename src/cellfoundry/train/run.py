@@ -263,6 +263,8 @@ def build(
         seed=derive_seed(seed, "train"),
         within_dataset=objective.within_dataset,
         length_grouped=settings["length_grouped"],
+        # .get: the settings of exports written before this option lack it.
+        dataset_alpha=settings.get("dataset_alpha", schema_default("train.dataset_alpha")),
         val_batches=settings["val_batches"],
         num_workers=settings["num_workers"],
         medians=read_medians(list(inputs.summaries.values())) if inputs.summaries else None,

@@ -309,13 +309,14 @@ def test_every_dataset_is_trained_on_with_one_dataset_batches(tiny_corpus, caplo
 
 
 def _two_dataset_split(big: int, small: int) -> SimpleNamespace:
-    """The parts of a SplitData a BatchPlan reads: one species, a big and a small dataset."""
-    collection = SimpleNamespace(shard_ranges=lambda: [(0, big), (big, big + small)])
-    names = ["big", "small"]
+    """The parts of a SplitData a BatchPlan reads: one species, a big and a small dataset, and
+    a third whose cells all went to validation (an empty shard)."""
+    ranges = [(0, big), (big, big + small), (big + small, big + small)]
+    names = ["big", "small", "all_validation"]
     return SimpleNamespace(
-        collection=collection,
-        datasets=np.array([0, 1]),
-        species=np.array(["hsapiens", "hsapiens"], dtype=object),
+        collection=SimpleNamespace(shard_ranges=lambda: ranges),
+        datasets=np.array([0, 1, 2]),
+        species=np.array(["hsapiens"] * 3, dtype=object),
         dataset_names=names,
         dataset_name=names.__getitem__,
     )
@@ -329,6 +330,7 @@ def test_dataset_alpha_rebalances_the_datasets_of_an_epoch():
     assert dataset_targets([400, 40], 0.5) == [334, 106]  # 440 x 20 / 26.32, 440 x 6.32 / 26.32
     assert dataset_targets([400, 40], 0.0) == [220, 220]
     assert dataset_targets([400, 40], 1.0) == [400, 40]
+    assert dataset_targets([400, 40, 0], 0.5) == [334, 106, 0]
     for within in (True, False):
         plain = BatchPlan(data, 8, seed=4, within_dataset=within)
         same = BatchPlan(data, 8, seed=4, within_dataset=within, dataset_alpha=1.0)

@@ -391,7 +391,9 @@ def dataset_targets(sizes: Sequence[int], alpha: float) -> list[int]:
 
 def _permutations(cells: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """`n` cells from fresh permutations of `cells`, one after the other (each cell floor or
-    ceil of n / len(cells) times)."""
+    ceil of n / len(cells) times); none for a dataset without training cells."""
+    if n == 0:
+        return cells[:0]
     repeats = -(-n // len(cells))
     return np.concatenate([rng.permutation(cells) for _ in range(repeats)])[:n]
 

@@ -66,6 +66,8 @@ def test_a_preset_on_the_command_line_beats_the_defaults_and_loses_to_the_user()
     assert steps["max_steps"] == 50 and steps["preset"] == "small"
     none = from_command_line("train={preset: null}")["train"]
     assert none["preset"] is None and none["gene_embeddings"] is None
+    with pytest.raises(ConfigError, match="dataset_alpha < 1 repeats cells"):
+        from_command_line("train={dataset_alpha: 0.5, length_grouped: true}")
 
 
 def test_the_shipped_config_pins_no_key_a_preset_sets():

@@ -324,8 +324,9 @@ def _two_dataset_split(big: int, small: int) -> SimpleNamespace:
 
 def test_dataset_alpha_rebalances_the_datasets_of_an_epoch():
     """alpha 0.5 gives the datasets N n^0.5 / sum n^0.5 of an epoch's N cells (XLM's rule):
-    the small one repeats its cells, each 2 or 3 times, and the big one is subsampled without
-    repeats; alpha 1 is the plan without rebalancing, batch for batch."""
+    the small one repeats its cells and the big one is subsampled without repeats, a different
+    subset each epoch; one-dataset batches never hold a cell twice; alpha 1 is the plan without
+    rebalancing, batch for batch."""
     data = _two_dataset_split(400, 40)
     assert dataset_targets([400, 40], 0.5) == [334, 106]  # 440 x 20 / 26.32, 440 x 6.32 / 26.32
     assert dataset_targets([400, 40], 0.0) == [220, 220]
@@ -339,9 +340,14 @@ def test_dataset_alpha_rebalances_the_datasets_of_an_epoch():
         assert plan.batches_per_epoch == 55  # as many cells as the split holds
         subsets = []
         for epoch in range(2):
-            cells = np.concatenate(plan.epoch_plan(epoch))
+            batches = plan.epoch_plan(epoch)
+            cells = np.concatenate(batches)
             small = cells[cells >= 400]
-            assert len(small) == 106 and set(np.bincount(small - 400)) == {2, 3}
+            assert len(small) == 106 and set(np.bincount(small - 400)) <= {2, 3, 4}
+            if not within:  # one stream of fresh permutations: each cell 2 or 3 times
+                assert set(np.bincount(small - 400)) == {2, 3}
+            else:  # cut from whole permutations: no batch holds a cell twice
+                assert all(len(np.unique(b)) == len(b) for b in batches)
             big = cells[cells < 400]
             assert len(big) == 334 == len(np.unique(big))
             subsets.append(set(big.tolist()))
@@ -349,8 +355,20 @@ def test_dataset_alpha_rebalances_the_datasets_of_an_epoch():
         assert subsets[0] != subsets[1]  # each epoch draws its own subset of the big dataset
         again = BatchPlan(data, 8, seed=4, within_dataset=within, dataset_alpha=0.5)
         assert all(np.array_equal(plan.batch(k), again.batch(k)) for k in range(120))
+    # Equal shares: the 40-cell dataset fills 520 / 32 batches, each from one permutation.
+    equal = BatchPlan(
+        _two_dataset_split(1000, 40), 32, seed=1, within_dataset=True, dataset_alpha=0
+    )
+    batches = equal.epoch_plan(0)
+    assert sum(bool((b >= 1000).all()) for b in batches) == 16
+    assert all(len(np.unique(b)) == 32 for b in batches)
+    # A dataset smaller than a batch cannot fill one without repeats: it keeps its own cells.
+    tiny = BatchPlan(_two_dataset_split(400, 5), 8, seed=1, within_dataset=True, dataset_alpha=0)
+    assert tiny.dataset_targets == [202, 5, 0]  # its equal share would be 202 (405 / 2)
     with pytest.raises(ValueError, match="dataset_alpha must lie in"):
         BatchPlan(data, 8, seed=4, dataset_alpha=1.5)
+    with pytest.raises(ValueError, match="length_grouped"):
+        BatchPlan(data, 8, seed=4, dataset_alpha=0.5, length_grouped=True)
 
 
 def test_uneven_batches_split_into_equal_shapes(tiny_corpus):

@@ -208,12 +208,16 @@ class BatchPlan:
     With `drop_last=False` (validation) each dataset's last, smaller batch is kept instead of
     pooled, so every cell is evaluated; it must hold at least `min_cells` cells.
 
-    `dataset_alpha` < 1 rebalances datasets: an epoch of N cells draws `dataset_targets`, i.e.
-    N x n_d^alpha / sum_e n_e^alpha cells of dataset d (rounded), the multinomial language
+    `dataset_alpha` < 1 rebalances datasets: an epoch of about N cells draws `dataset_targets`,
+    i.e. N x n_d^alpha / sum_e n_e^alpha cells of dataset d (rounded), the multinomial language
     sampling of Conneau & Lample 2019 (XLM, alpha 0.5) over datasets. A dataset below its
-    target repeats its cells in fresh permutations (each cell floor or ceil of target / n_d
-    times), one above it contributes a different random subset each epoch; alpha 1 keeps
-    every cell once per epoch, alpha 0 gives every dataset the same share.
+    target repeats its cells in fresh permutations, one above it contributes a different random
+    subset each epoch; alpha 1 keeps every cell once per epoch, alpha 0 gives every dataset the
+    same share. With `within_dataset`, every full batch is cut from one permutation, so no
+    batch holds a cell twice (its copies would get the same views and be each other's
+    negatives); a dataset smaller than a batch is therefore not repeated. Without it, the
+    datasets' draws are interleaved at random, and a cell may rarely share a batch with its
+    copy. Not combined with `length_grouped` (sorting by length would put copies together).
     """
 
     LENGTH_WINDOW = 64
@@ -232,6 +236,8 @@ class BatchPlan:
     ) -> None:
         if not 0 <= dataset_alpha <= 1:
             raise ValueError(f"dataset_alpha must lie in [0, 1], not {dataset_alpha}")
+        if dataset_alpha < 1 and length_grouped:
+            raise ValueError("dataset_alpha < 1 cannot be combined with length_grouped")
         self.data = data
         self.global_batch = global_batch
         self.seed = seed
@@ -254,7 +260,13 @@ class BatchPlan:
         self.groups = [np.concatenate(groups[k]) for k in keys]
         self.group_species = [species[k] for k in keys]
         self.dataset_cells = [np.concatenate(by_dataset[d]) for d in sorted(by_dataset)]
-        self.dataset_targets = dataset_targets([len(c) for c in self.dataset_cells], dataset_alpha)
+        sizes = [len(c) for c in self.dataset_cells]
+        self.dataset_targets = dataset_targets(sizes, dataset_alpha)
+        if within_dataset:  # one-dataset batches repeat no cell: small datasets are not repeated
+            self.dataset_targets = [
+                t if n >= global_batch else min(t, n)
+                for t, n in zip(self.dataset_targets, sizes, strict=True)
+            ]
         # Cells a group holds per epoch (with rebalancing, its datasets' targets).
         self.group_sizes = (
             [len(g) for g in self.groups]
@@ -299,7 +311,8 @@ class BatchPlan:
             batches: list[np.ndarray] = []
             rests: dict[str, list[np.ndarray]] = {pool: [] for pool in self.pools}
             for group, species in zip(self._epoch_groups(rng), self.group_species, strict=True):
-                order = rng.permutation(group)
+                # Rebalanced groups come drawn in a random order, cut into batches as they are.
+                order = rng.permutation(group) if self.dataset_alpha == 1 else group
                 n = self._n_batches(len(order))
                 batches += self._cut(order, n)
                 if self.pools:
@@ -316,11 +329,15 @@ class BatchPlan:
         each dataset's cells repeated or subsampled to its target)."""
         if self.dataset_alpha == 1:
             return self.groups
-        drawn = [
-            _permutations(cells, target, rng)
-            for cells, target in zip(self.dataset_cells, self.dataset_targets, strict=True)
-        ]
-        return drawn if self.within_dataset else [np.concatenate(drawn)]
+        pairs = zip(self.dataset_cells, self.dataset_targets, strict=True)
+        if self.within_dataset:
+            return [_batch_stream(cells, target, self.global_batch, rng) for cells, target in pairs]
+        drawn = [_permutations(cells, target, rng) for cells, target in pairs]
+        # Interleave the datasets' draws at random, each in its own order.
+        which = rng.permutation(np.repeat(np.arange(len(drawn)), [len(d) for d in drawn]))
+        mixed = np.empty(len(which), dtype=np.int64)
+        mixed[np.argsort(which, kind="stable")] = np.concatenate(drawn)
+        return [mixed]
 
     def _cut(self, order: np.ndarray, n: int) -> list[np.ndarray]:
         """`n` batches from the front of `order` (length-sorted in windows when grouping)."""
@@ -395,7 +412,25 @@ def _permutations(cells: np.ndarray, n: int, rng: np.random.Generator) -> np.nda
     if n == 0:
         return cells[:0]
     repeats = -(-n // len(cells))
-    return np.concatenate([rng.permutation(cells) for _ in range(repeats)])[:n]
+    return cells[np.argsort(rng.random((repeats, len(cells))), axis=1)].ravel()[:n]
+
+
+def _batch_stream(cells: np.ndarray, n: int, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` cells of one dataset for one-dataset batches: full batches cut from fresh
+    permutations of `cells` (each permutation gives len(cells) // batch of them, so no batch
+    holds a cell twice), then the rest (< batch cells, for the species' pooled batches) from
+    the last permutation's unused cells where it has enough (so a dataset drawn below its size
+    repeats no cell). `n` <= len(cells) when the dataset is smaller than a batch."""
+    per_permutation = len(cells) // batch * batch
+    if n == 0 or per_permutation == 0:
+        return rng.permutation(cells)[:n]
+    full, rest = n // batch * batch, n % batch
+    k = max(1, -(-full // per_permutation))
+    blocks = _permutations(cells, k * len(cells), rng).reshape(k, len(cells))
+    kept = blocks[:, :per_permutation].ravel()[:full]
+    used = full - (k - 1) * per_permutation  # cells of the last permutation already in batches
+    tail = blocks[-1, used:] if len(cells) - used >= rest else rng.permutation(cells)
+    return np.concatenate([kept, tail[:rest]])
 
 
 class PlannedBatches(Sampler):

@@ -182,6 +182,11 @@ def check_train_settings(train: dict[str, Any]) -> None:
         raise ValueError(
             "train.pooling='cls' needs a <cls> token, which train.input_layout='geneformer_v1' has not"
         )
+    if train.get("dataset_alpha", 1) < 1 and train.get("length_grouped"):
+        raise ValueError(
+            "train.dataset_alpha < 1 repeats cells, which train.length_grouped would put "
+            "in one batch; choose one of them"
+        )
 
 
 def _get(values: dict[str, Any], dotted: str) -> Any:

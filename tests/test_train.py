@@ -308,6 +308,22 @@ def test_every_dataset_is_trained_on_with_one_dataset_batches(tiny_corpus, caplo
     assert f"demo_retina {retina_seen}/{retina_total}" in line
 
 
+def test_a_dataset_whose_pooled_rest_never_fills_a_batch_is_named(caplog):
+    """Datasets of 50 and 3 cells, batches of 16: the 3 cells only ever join the big one's rest
+    of 2, and 5 cells never fill a batch, so the small dataset is never trained on although its
+    species is; the plan warns about it by name (and not about a rest that does fill one)."""
+    plan = BatchPlan(_two_dataset_split(50, 3), 16, seed=0, within_dataset=True)
+    assert plan.untrained == {"small": 3} and not plan.unreachable
+    assert all(plan.cells_per_dataset(e)["small"] == (0, 3) for e in range(5))
+    caplog.set_level(logging.WARNING)
+    plan.log_epoch(0)
+    assert any("dataset small: 3 training cells" in r.getMessage() for r in caplog.records)
+    filled = BatchPlan(_two_dataset_split(60, 5), 16, seed=0, within_dataset=True)  # 12 + 5
+    assert filled.untrained == {}
+    assert sum(filled.cells_per_dataset(e)["small"][0] for e in range(10)) > 0
+    assert BatchPlan(_two_dataset_split(50, 3), 16, seed=0).untrained == {}  # mixed batches
+
+
 def _two_dataset_split(big: int, small: int) -> SimpleNamespace:
     """The parts of a SplitData a BatchPlan reads: one species, a big and a small dataset, and
     a third whose cells all went to validation (an empty shard)."""

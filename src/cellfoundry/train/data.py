@@ -200,8 +200,9 @@ class BatchPlan:
     batches, and the remainders of a species' datasets are pooled and cut into further batches
     of that species, so a dataset smaller than a batch is still trained on. Without it, batches
     mix the whole split. Each epoch leaves out a different random rest of fewer than a batch per
-    pool, so every cell is reached; only a species with fewer cells than one global batch is
-    never trained on (logged as a warning). With `length_grouped`, cells of similar length share
+    pool, so every cell is reached; only a species with fewer cells than one global batch, or
+    a dataset smaller than one batch whose species' pooled remainders never fill a batch, is
+    never trained on (each logged as a warning every epoch). With `length_grouped`, cells of similar length share
     a batch: each run of `LENGTH_WINDOW` shuffled batches is sorted by cell length before it is
     cut into batches, and the batches are shuffled again, so padding shrinks while every epoch
     still visits each cell at most once in random batches.
@@ -249,18 +250,28 @@ class BatchPlan:
         groups: dict[int, list[np.ndarray]] = {}
         species: dict[int, str] = {}
         by_dataset: dict[int, list[np.ndarray]] = {}
+        dataset_sizes: dict[int, int] = {}
+        rebalanced_mix = dataset_alpha < 1 and not within_dataset
         for (start, stop), dataset, shard_species in zip(
             ranges, data.datasets, data.species, strict=True
         ):
             key = int(dataset) if within_dataset else 0
             groups.setdefault(key, []).append(np.arange(start, stop))
             species[key] = str(shard_species) if within_dataset else ""
-            by_dataset.setdefault(int(dataset), []).append(np.arange(start, stop))
+            dataset_sizes[int(dataset)] = dataset_sizes.get(int(dataset), 0) + stop - start
+            if rebalanced_mix:
+                by_dataset.setdefault(int(dataset), []).append(np.arange(start, stop))
         keys = sorted(groups)
         self.groups = [np.concatenate(groups[k]) for k in keys]
         self.group_species = [species[k] for k in keys]
-        self.dataset_cells = [np.concatenate(by_dataset[d]) for d in sorted(by_dataset)]
-        sizes = [len(c) for c in self.dataset_cells]
+        # The cells of each dataset, which rebalancing draws from: one-dataset groups already
+        # are; a mixed split needs them only when it is rebalanced.
+        self.dataset_cells = (
+            self.groups
+            if within_dataset
+            else [np.concatenate(by_dataset[d]) for d in sorted(by_dataset)]
+        )
+        sizes = [dataset_sizes[d] for d in sorted(dataset_sizes)]
         self.dataset_targets = dataset_targets(sizes, dataset_alpha)
         if within_dataset:  # one-dataset batches repeat no cell: small datasets are not repeated
             self.dataset_targets = [
@@ -302,6 +313,17 @@ class BatchPlan:
             )
             if total < global_batch:
                 self.unreachable[pool] = total
+        # A dataset smaller than a batch lives only in its species' pooled rests; when these
+        # never fill one batch, it is never trained on, though its species is.
+        self.untrained = {
+            data.dataset_name(key): n
+            for key, n, pool in zip(keys, self.group_sizes, self.group_species, strict=True)
+            if within_dataset
+            and pool in self.pools
+            and pool not in self.unreachable
+            and 0 < n < global_batch
+            and pooled[pool] < global_batch
+        }
         self._epoch: int | None = None
         self._plan: list[np.ndarray] = []
 
@@ -388,6 +410,15 @@ class BatchPlan:
             log.warning(
                 "%s: %d training cells, fewer than one global batch of %d: never trained on",
                 species,
+                n,
+                self.global_batch,
+            )
+        for dataset, n in self.untrained.items():
+            log.warning(
+                "dataset %s: %d training cells, fewer than one global batch of %d, and its "
+                "species' other datasets leave too few spare cells to fill a batch with it: "
+                "never trained on",
+                dataset,
                 n,
                 self.global_batch,
             )

@@ -202,8 +202,8 @@ class BatchPlan:
     mix the whole split. Each epoch leaves out a different random rest of fewer than a batch per
     pool, so every cell is reached; only a species with fewer cells than one global batch, or
     a dataset smaller than one batch whose species' pooled remainders never fill a batch, is
-    never trained on (each logged as a warning every epoch). With `length_grouped`, cells of similar length share
-    a batch: each run of `LENGTH_WINDOW` shuffled batches is sorted by cell length before it is
+    never trained on (each logged as a warning every epoch). With `length_grouped`, cells of
+    similar length share a batch: each run of `LENGTH_WINDOW` shuffled batches is sorted by cell length before it is
     cut into batches, and the batches are shuffled again, so padding shrinks while every epoch
     still visits each cell at most once in random batches.
     With `drop_last=False` (validation) each dataset's last, smaller batch is kept instead of
@@ -249,29 +249,28 @@ class BatchPlan:
         ranges = data.collection.shard_ranges()
         groups: dict[int, list[np.ndarray]] = {}
         species: dict[int, str] = {}
-        by_dataset: dict[int, list[np.ndarray]] = {}
-        dataset_sizes: dict[int, int] = {}
-        rebalanced_mix = dataset_alpha < 1 and not within_dataset
+        by_dataset: dict[int, list[tuple[int, int]]] = {}  # cell ranges of each dataset
         for (start, stop), dataset, shard_species in zip(
             ranges, data.datasets, data.species, strict=True
         ):
             key = int(dataset) if within_dataset else 0
             groups.setdefault(key, []).append(np.arange(start, stop))
             species[key] = str(shard_species) if within_dataset else ""
-            dataset_sizes[int(dataset)] = dataset_sizes.get(int(dataset), 0) + stop - start
-            if rebalanced_mix:
-                by_dataset.setdefault(int(dataset), []).append(np.arange(start, stop))
+            by_dataset.setdefault(int(dataset), []).append((start, stop))
         keys = sorted(groups)
         self.groups = [np.concatenate(groups[k]) for k in keys]
         self.group_species = [species[k] for k in keys]
+        datasets = sorted(by_dataset)
+        sizes = [sum(stop - start for start, stop in by_dataset[d]) for d in datasets]
         # The cells of each dataset, which rebalancing draws from: one-dataset groups already
         # are; a mixed split needs them only when it is rebalanced.
         self.dataset_cells = (
             self.groups
             if within_dataset
-            else [np.concatenate(by_dataset[d]) for d in sorted(by_dataset)]
+            else [np.concatenate([np.arange(*r) for r in by_dataset[d]]) for d in datasets]
+            if dataset_alpha < 1
+            else []
         )
-        sizes = [dataset_sizes[d] for d in sorted(dataset_sizes)]
         self.dataset_targets = dataset_targets(sizes, dataset_alpha)
         if within_dataset:  # one-dataset batches repeat no cell: small datasets are not repeated
             self.dataset_targets = [
@@ -318,8 +317,7 @@ class BatchPlan:
         self.untrained = {
             data.dataset_name(key): n
             for key, n, pool in zip(keys, self.group_sizes, self.group_species, strict=True)
-            if within_dataset
-            and pool in self.pools
+            if pool in self.pools  # one-dataset batches, pooled rests
             and pool not in self.unreachable
             and 0 < n < global_batch
             and pooled[pool] < global_batch

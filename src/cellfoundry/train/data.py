@@ -203,9 +203,9 @@ class BatchPlan:
     pool, so every cell is reached; only a species with fewer cells than one global batch, or
     a dataset smaller than one batch whose species' pooled remainders never fill a batch, is
     never trained on (each logged as a warning every epoch). With `length_grouped`, cells of
-    similar length share a batch: each run of `LENGTH_WINDOW` shuffled batches is sorted by cell length before it is
-    cut into batches, and the batches are shuffled again, so padding shrinks while every epoch
-    still visits each cell at most once in random batches.
+    similar length share a batch: each run of `LENGTH_WINDOW` shuffled batches is sorted by cell
+    length before it is cut into batches, and the batches are shuffled again, so padding shrinks
+    while every epoch still visits each cell at most once in random batches.
     With `drop_last=False` (validation) each dataset's last, smaller batch is kept instead of
     pooled, so every cell is evaluated; it must hold at least `min_cells` cells.
 
@@ -264,13 +264,15 @@ class BatchPlan:
         sizes = [sum(stop - start for start, stop in by_dataset[d]) for d in datasets]
         # The cells of each dataset, which rebalancing draws from: one-dataset groups already
         # are; a mixed split needs them only when it is rebalanced.
-        self.dataset_cells = (
-            self.groups
-            if within_dataset
-            else [np.concatenate([np.arange(*r) for r in by_dataset[d]]) for d in datasets]
-            if dataset_alpha < 1
-            else []
-        )
+        if within_dataset:
+            self.dataset_cells = self.groups
+        elif dataset_alpha < 1:
+            self.dataset_cells = [
+                np.concatenate([np.arange(start, stop) for start, stop in by_dataset[d]])
+                for d in datasets
+            ]
+        else:
+            self.dataset_cells = []
         self.dataset_targets = dataset_targets(sizes, dataset_alpha)
         if within_dataset:  # one-dataset batches repeat no cell: small datasets are not repeated
             self.dataset_targets = [

@@ -49,6 +49,18 @@ def test_label_metrics_tell_separated_from_mixed_labels():
     assert 0.4 < silhouette_label(X, shuffled) < 0.55  # silhouette near 0, rescaled to 0.5
 
 
+def test_knn_accuracy_averages_repeated_folds():
+    """Overlapping labels of 150 cells: one 5-fold split's accuracy moves with its seed; the
+    mean over 10 repeated splits moves far less, around the same value."""
+    X, labels = clusters(50, 3, separation=1.5)
+    once = [knn_accuracy(X, labels, repeats=1, seed=s) for s in range(20)]
+    repeated = [knn_accuracy(X, labels, seed=s) for s in range(20)]
+    assert 0.4 < np.mean(repeated) < 0.95
+    assert abs(np.mean(repeated) - np.mean(once)) < 0.02
+    assert np.std(repeated) < 0.5 * np.std(once)
+    assert knn_accuracy(X, labels, seed=3) == knn_accuracy(X, labels, seed=3)  # seeded
+
+
 def test_batch_metrics_tell_mixed_from_separated_batches():
     X, labels = clusters(60, 3, separation=12.0)
     rng = np.random.default_rng(2)

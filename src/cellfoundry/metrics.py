@@ -25,19 +25,29 @@ log = logging.getLogger(__name__)
 
 
 def knn_accuracy(
-    X: np.ndarray, labels: np.ndarray, *, k: int = 15, folds: int = 5, seed: int = 0
+    X: np.ndarray,
+    labels: np.ndarray,
+    *,
+    k: int = 15,
+    folds: int = 5,
+    repeats: int = 10,
+    seed: int = 0,
 ) -> float:
-    """Mean k-nearest-neighbour label accuracy over stratified cross-validation folds.
+    """Mean k-nearest-neighbour label accuracy over `repeats` x `folds` stratified
+    cross-validation folds (scikit-learn's `RepeatedStratifiedKFold`, seeded).
 
-    Labels with fewer cells than folds are kept (they can only be predicted wrong in some
-    folds); the number of folds drops to the smallest label's size, and to 2 at least.
+    One 5-fold split of a few hundred cells is a noisy ruler: on the 298-cell loom of
+    ../shared/data the same embedding scores 0.614-0.654 over 30 fold seeds (sd 0.011);
+    the mean over 10 repeats moves by sd 0.003 (README, "What the small default models
+    learn"). Labels with fewer cells than folds are kept (they can only be predicted wrong in
+    some folds); the number of folds drops to the smallest label's size, and to 2 at least.
     """
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
     counts = pd.Series(labels).value_counts()
-    folds = int(min(folds, counts.min())) if counts.min() >= 2 else 2
-    splitter = StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=seed)
+    folds = max(int(min(folds, counts.min())) if counts.min() >= 2 else 2, 2)
+    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
     classifier = KNeighborsClassifier(n_neighbors=min(k, len(labels) - len(labels) // folds - 1))
     with warnings.catch_warnings():  # "the least populated class has only 1 member"
         warnings.simplefilter("ignore", UserWarning)

@@ -37,9 +37,8 @@ def knn_accuracy(
     cross-validation folds (scikit-learn's `RepeatedStratifiedKFold`, seeded).
 
     One 5-fold split of a few hundred cells is a noisy ruler: on the 298-cell loom of
-    ../shared/data the same embedding scores 0.614-0.654 over 30 fold seeds (sd 0.011);
-    the mean over 10 repeats moves by sd 0.003 (README, "What the small default models
-    learn"). Labels with fewer cells than folds are kept (they can only be predicted wrong in
+    ../shared/data one PCA baseline scores 0.614-0.654 over 30 fold seeds (sd 0.011); the
+    mean over 10 repeats moves by sd 0.003 (README, "How noisy is the ruler"). Labels with fewer cells than folds are kept (they can only be predicted wrong in
     some folds); the number of folds drops to the smallest label's size, and to 2 at least.
     """
     from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score

@@ -712,6 +712,7 @@ def _report_embeddings_arguments(p: argparse.ArgumentParser) -> None:
 def _report_embeddings(args: argparse.Namespace) -> None:
     from cellfoundry.config import section_defaults
     from cellfoundry.io import atomic_outputs
+    from cellfoundry.metrics import KNN_REPEATS
     from cellfoundry.report import embedding_report, html_tables
 
     settings = section_defaults("eval", _json(args.settings), source="--settings")
@@ -720,7 +721,7 @@ def _report_embeddings(args: argparse.Namespace) -> None:
         metrics.write_csv(table, separator="\t")
         note = (
             f"A seeded subsample of at most {settings['n_cells']} cells per dataset. "
-            f"kNN label accuracy: k={settings['k']}, the mean of 10 repeats of 5-fold "
+            f"kNN label accuracy: k={settings['k']}, the mean of {KNN_REPEATS} repeats of 5-fold "
             "cross-validation; silhouettes, "
             "graph connectivity and iLISI as in scIB, scaled to [0, 1] (higher is better); "
             "_pca: the same metric on a PCA of highly variable genes of log-normalised counts."

@@ -24,13 +24,17 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 
+# Repeats of the k-fold split behind `knn_accuracy` (README, "How noisy is the ruler").
+KNN_REPEATS = 10
+
+
 def knn_accuracy(
     X: np.ndarray,
     labels: np.ndarray,
     *,
     k: int = 15,
     folds: int = 5,
-    repeats: int = 10,
+    repeats: int = KNN_REPEATS,
     seed: int = 0,
 ) -> float:
     """Mean k-nearest-neighbour label accuracy over `repeats` x `folds` stratified
@@ -38,14 +42,15 @@ def knn_accuracy(
 
     One 5-fold split of a few hundred cells is a noisy ruler: on the 298-cell loom of
     ../shared/data one PCA baseline scores 0.614-0.654 over 30 fold seeds (sd 0.011); the
-    mean over 10 repeats moves by sd 0.003 (README, "How noisy is the ruler"). Labels with fewer cells than folds are kept (they can only be predicted wrong in
-    some folds); the number of folds drops to the smallest label's size, and to 2 at least.
+    mean over 10 repeats moves by sd 0.003 (README, "How noisy is the ruler"). Labels with
+    fewer cells than folds are kept (they can only be predicted wrong in some folds); the
+    number of folds drops to the smallest label's size, and to 2 at least.
     """
     from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
     counts = pd.Series(labels).value_counts()
-    folds = max(int(min(folds, counts.min())) if counts.min() >= 2 else 2, 2)
+    folds = max(2, min(folds, int(counts.min())))
     splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
     classifier = KNeighborsClassifier(n_neighbors=min(k, len(labels) - len(labels) // folds - 1))
     with warnings.catch_warnings():  # "the least populated class has only 1 member"
